@@ -1,0 +1,1122 @@
+"""AllNC: All-around Neural Collapse for Imbalanced Classification (Zhang et al.), reproduced.
+
+    python allnc.py --dataset cifar10 --imb 200 --gamma 2          # train, evaluate, print table
+    python allnc.py --dataset fmnist --imb 100 --depth 20 --epochs 10   # CPU-sized real run
+    python allnc.py --tables results/                               # paper tables, ours beside theirs
+    python allnc.py --plot results/RUN.json                         # ICPA heatmaps and NC curves
+    python allnc.py --benchmark                                     # images/s: floor, tensor, PIL
+
+Equation numbers are the paper's. Importing this module trains nothing and downloads nothing.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data_lt
+import models
+from data_lt import DataError
+
+# ==============================================================================================
+# Config: every hyperparameter in one place; each run writes it into its result JSON.
+
+METHODS = ("allnc", "allnc++", "ce", "etf", "rbl", "ncmc")
+
+
+def opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # what to run
+    dataset: str = opt("cifar10", "cifar10 | cifar100 | fmnist | synthetic | imagenet_lt | inat2018",
+                       choices=tuple(data_lt.DATASETS))
+    imb: float = opt(100.0, "imbalance factor N_max/N_min (1 = balanced; ImageNet-LT/iNat: 1 = standard split)")
+    imb_type: str = opt("exp", "exp (CIFAR-LT profile) or pareto (ImageNet-LT style)", choices=("exp", "pareto"))
+    method: str = opt("allnc", "allnc | allnc++ | ce | etf | rbl | ncmc", choices=METHODS)
+    seed: int = opt(0, "random seed (init, batch order, augmentation)")
+    # schedule (None = the paper's value for the dataset, see resolve())
+    epochs: int = opt(None, "training epochs (paper: 200 on CIFAR)")
+    batch_size: int = opt(None, "batch size (paper: 64 CIFAR, 128 ImageNet-LT/iNat)")
+    lr: float = opt(None, "peak learning rate (paper: 0.01 CIFAR, 0.1 ImageNet-LT/iNat)")
+    wd: float = opt(None, "weight decay (paper: 5e-3 CIFAR, 2e-4 ImageNet-LT/iNat)")
+    momentum: float = opt(0.9, "SGD momentum")
+    warmup: int = opt(5, "linear warm-up epochs before the cosine decay (at most a tenth of the run)")
+    # model
+    arch: str = opt(None, "resnet_cifar | resnext50 | resnet50 (default by dataset)")
+    depth: int = opt(32, "CIFAR ResNet depth 6n+2 (8, 20, 32, ...)")
+    proj_dim: int = opt(128, "output size of proj1 (z) and proj2 (h)")
+    pred_hidden: int = opt(64, "hidden size of the predictor proj2 (SimSiam bottleneck)")
+    # AllNC (Eq. 8-14)
+    gamma: float = opt(2.0, "GBBN exponent gamma of Eq. 13")
+    alpha: float = opt(1.0, "weight alpha of L_con + L_p(mu~) in Eq. 14 (paper gives no default)")
+    grw_rho: float = opt(1.0, "GRW exponent rho: w_c ~ (1/N_c)^rho, normalised to sum C")
+    grw_reduction: str = opt("batch", "batch: (1/B) sum_i w_yi CE_i as in Eq. 12; weights: divide by sum_i w_yi "
+                             "(torch's weighted mean)", choices=("batch", "weights"))
+    mean_momentum: float = opt(0.9, "EMA momentum of the running class means used for classes absent "
+                               "from a batch")
+    no_hycon: bool = opt(False, "ablation: drop L_con (Table VII)")
+    no_p2p: bool = opt(False, "ablation: drop L_p(mu~) and L_p(w) (Table VII)")
+    no_gbbn: bool = opt(False, "ablation: eta = 0 from the start, i.e. rebalancing loss only (Table VII)")
+    fixed_gamma: bool = opt(False, "ablation: BBN's own schedule eta = 1 - ((T-1)/T_max)^2 (Table VII)")
+    # AllNC++ (weight balancing, Alshammari et al. 2022)
+    maxnorm: float = opt(0.1, "MaxNorm threshold on classifier rows (allnc++)")
+    wb_stage2_epochs: int = opt(10, "allnc++: epochs of classifier-only retraining after the main run")
+    wb_stage2_lr: float = opt(0.005, "allnc++: stage-2 learning rate")
+    wb_stage2_wd: float = opt(0.1, "allnc++: stage-2 weight decay")
+    # baselines
+    etf_balance: bool = opt(False, "etf: multiply each sample by the batch class-balance factor (public code)")
+    rbl_tau: float = opt(1.0, "rbl: post-hoc logit adjustment strength tau")
+    ncmc_f: int = opt(20, "ncmc: centers per class (the most a class gets with --ncmc-centers aware)")
+    ncmc_theta: float = opt(0.2, "ncmc: angle theta between centers and the class direction")
+    ncmc_centers: str = opt("aware", "ncmc: aware (minority classes get more centers) or fixed",
+                            choices=("aware", "fixed"))
+    # data and augmentation
+    data_root: str = opt("./data", "where datasets live (CIFAR is downloaded there if missing)")
+    download: bool = opt(True, "download CIFAR / Fashion-MNIST if missing (--no-download to forbid)")
+    randaug: bool = opt(True, "RandAugment on both views (--no-randaug: crop + flip only)")
+    augment: bool = opt(True, "any augmentation at all (--no-augment: for checks only)")
+    loader: str = opt("auto", "tensor (batched on the device) | pil (per-image DataLoader) | auto",
+                      choices=("auto", "tensor", "pil"))
+    workers: int = opt(2, "DataLoader workers for the PIL path")
+    train_list: str = opt(None, "ImageNet-LT/iNat: standard train split list file (path label per line)")
+    test_list: str = opt(None, "ImageNet-LT/iNat: standard test/val split list file")
+    smoke: bool = opt(False, "replace the images by a tiny generated stand-in with the same classes and "
+                      "profile (pipeline checks only; results are marked SMOKE)")
+    # running
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    amp: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | off", choices=("auto", "bf16", "fp16", "off"))
+    compile: bool = opt(False, "torch.compile the model")
+    eval_every: int = opt(1, "evaluate test top-1 every K epochs (and the last)")
+    nc_every: int = opt(10, "NC metrics on the un-augmented training set every K epochs (and the last); 0 = last only")
+    out: str = opt("results", "directory for result JSONs and checkpoints")
+    name: str = opt(None, "run name (default: built from the config)")
+    force: bool = opt(False, "re-run even if a finished result exists")
+
+
+# Fields that do not change what a run computes; left out of the run name's hash.
+NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "eval_every", "nc_every",
+                "data_root", "download", "train_list", "test_list"}
+
+
+def resolve(cfg):
+    """Fill dataset-dependent defaults (paper V-B) and validate; raises DataError on bad input."""
+    if cfg.imb < 1:
+        raise DataError(f"--imb {cfg.imb:g} is below 1; the imbalance factor is N_max/N_min, use 1 for balanced data")
+    info = data_lt.DATASETS[cfg.dataset]
+    big = info.kind == "folder"
+    defaults = dict(epochs=(90 if cfg.dataset == "imagenet_lt" else 100) if big else 200,
+                    batch_size=128 if big else 64, lr=0.1 if big else 0.01, wd=2e-4 if big else 5e-3,
+                    arch={"imagenet_lt": "resnext50", "inat2018": "resnet50"}.get(cfg.dataset, "resnet_cifar"))
+    for k, v in defaults.items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    for k in ("epochs", "batch_size"):
+        if getattr(cfg, k) < 1:
+            raise DataError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be a positive integer")
+    if cfg.depth < 8 or (cfg.depth - 2) % 6:
+        raise DataError(f"--depth {cfg.depth} is not 6n+2; use 8, 20, 32, 44 or 56")
+    if cfg.gamma <= 0 or cfg.alpha < 0 or cfg.lr <= 0 or cfg.warmup < 0 or cfg.wb_stage2_epochs < 0:
+        raise DataError("--gamma and --lr must be > 0; --alpha, --warmup and --wb-stage2-epochs must be >= 0")
+    if cfg.arch not in ("resnet_cifar", "resnext50", "resnet50"):
+        raise DataError(f"--arch {cfg.arch!r} unknown; use resnet_cifar, resnext50 or resnet50")
+    if cfg.loader == "auto":
+        cfg.loader = "pil" if big else "tensor"
+    if big and cfg.loader == "tensor":
+        raise DataError(f"{cfg.dataset} is an ImageFolder dataset; use --loader pil")
+    if cfg.method != "allnc++":
+        cfg.wb_stage2_epochs = 0
+    return cfg
+
+
+def run_name(cfg):
+    if cfg.name:
+        return cfg.name
+    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+    h = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:6]
+    abl = "".join(f"-{k.replace('_', '')}" for k in ("no_hycon", "no_p2p", "no_gbbn", "fixed_gamma") if ident[k])
+    return (f"{cfg.dataset}-imb{cfg.imb:g}-{cfg.method}{abl}-g{cfg.gamma:g}-a{cfg.alpha:g}-e{cfg.epochs}"
+            f"-s{cfg.seed}{'-smoke' if cfg.smoke else ''}-{h}")
+
+# ==============================================================================================
+# Losses (each a pure function of tensors; equation numbers are the paper's)
+
+def etf_gram(C, device=None):
+    """Eq. 9: rho_ij = C/(C-1) delta_ij - 1/(C-1), i.e. 1 on the diagonal and -1/(C-1) off it."""
+    return torch.eye(C, device=device) * (C / (C - 1)) - 1.0 / (C - 1)
+
+
+def p2p_loss(v, rho=None, mask=None):
+    """Eq. 10/11: (1/C^2) sum_ij (<v_i, v_j> - rho_ij)^2 over l2-normalised rows v_i.
+
+    mask (optional, bool C): only rows that exist yet take part, C counts those rows (used while
+    some classes have not been seen in training)."""
+    v = F.normalize(v.float(), dim=1)
+    rho = etf_gram(len(v), v.device) if rho is None else rho
+    err = (v @ v.t() - rho) ** 2
+    if mask is None:
+        return err.sum() / len(v) ** 2
+    m = mask.float()
+    return (err * m[:, None] * m[None, :]).sum() / m.sum().clamp(min=1) ** 2
+
+
+def hycon_sim(h, u, z):
+    """sim(h, u, sg(z)) = -<h/|h|, z/|z|> - <u/|u|, z/|z|> per sample (Eq. 8)."""
+    z = F.normalize(z.detach().float(), dim=1)
+    return -(F.normalize(h.float(), dim=1) * z).sum(1) - (F.normalize(u.float(), dim=1) * z).sum(1)
+
+
+def hycon_loss(h1, h2, z1, z2, u1, u2):
+    """Eq. 8: L_con = sim(h1, u2, sg(z2)) + sim(h2, u1, sg(z1)), batch mean; -4 at perfect alignment."""
+    return (hycon_sim(h1, u2, z2) + hycon_sim(h2, u1, z1)).mean()
+
+
+def gbbn_eta(epoch, total_epochs, gamma):
+    """Eq. 13: eta = 1 - (T / T_max)^gamma, T the current epoch (1-based)."""
+    return 1.0 - (epoch / total_epochs) ** gamma
+
+
+def bbn_eta(epoch, total_epochs):
+    """BBN's cumulative weight 1 - ((T-1)/T_max)^2, the --fixed-gamma ablation."""
+    return 1.0 - ((epoch - 1) / total_epochs) ** 2
+
+
+def grw_weights(counts, rho=1.0):
+    """GRW (DisAlign): w_c = (1/r_c)^rho with r_c = N_c/N, normalised to sum to C."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    w = (n.sum() / n) ** rho
+    return (w / w.sum() * len(n)).float()
+
+
+def grw_loss(logits, y, weights, reduction="batch"):
+    """Class-weighted CE. 'batch' divides by the batch size (Eq. 12's 1/N); 'weights' by sum w_y."""
+    ce = F.cross_entropy(logits.float(), y, reduction="none")
+    wy = weights[y]
+    return (wy * ce).sum() / (len(y) if reduction == "batch" else wy.sum())
+
+
+def gbbn_cls_loss(logits, y, eta, weights, w_rows, use_p2p, reduction="batch"):
+    """Eq. 12: mean_i [eta CE + (1 - eta)(L_re + L_p(w))] for one view."""
+    ce = F.cross_entropy(logits.float(), y)
+    re = grw_loss(logits, y, weights, reduction)
+    pw = p2p_loss(w_rows) if use_p2p else ce.new_zeros(())
+    return eta * ce + (1 - eta) * (re + pw), {"ce": ce, "grw": re, "p2p_w": pw}
+
+
+def etf_dr_loss(h, M, y, balance=False):
+    """Dot-regression loss of Yang et al.: 0.5 mean((<h, m_y> - 1)^2), unit h and unit m_y."""
+    dot = (h.float() * M.t()[y]).sum(1)
+    per = 0.5 * (dot - 1) ** 2
+    if balance:   # each class present in the batch weighs the same
+        cnt = torch.bincount(y, minlength=M.shape[1]).float()
+        per = per * len(y) / ((cnt > 0).sum() * cnt[y])
+    return per.mean()
+
+
+def ncmc_cos_loss(h, W, mask, y):
+    """NCMC cosine loss: mean over a sample's class centers of 1 - cos(h, W_yj) (h, W unit)."""
+    cos = torch.einsum("bd,bfd->bf", F.normalize(h.float(), dim=1), W[y])
+    m = mask[y].float()
+    return (((1 - cos) * m).sum(1) / m.sum(1)).mean()
+
+
+def batch_class_means(z, y, C):
+    """Mean of z over each class present in the batch (with gradient) and the present mask."""
+    cnt = torch.bincount(y, minlength=C)
+    sums = torch.zeros(C, z.shape[1], device=z.device, dtype=z.dtype).index_add(0, y, z)
+    return sums / cnt.clamp(min=1)[:, None].to(z.dtype), cnt > 0
+
+# ==============================================================================================
+# One training step per method (a dict from method name to step function, no class hierarchy).
+# Each returns (total loss, {term: value}); terms are logged and checked for NaN/inf.
+
+def step_allnc(model, views, y, st):
+    """Algorithm 1, lines 5-13, for one batch."""
+    cfg, C, B = st.cfg, st.C, len(y)
+    feat, logits, _ = model(torch.cat(views))
+    z = model.proj1(feat).float()
+    p1, p2, z1, z2 = logits[:B], logits[B:], z[:B], z[B:]
+    u1, present = batch_class_means(z1, y, C)
+    u2, _ = batch_class_means(z2, y, C)
+    use_p2p = not cfg.no_p2p
+    W = model.head.classifier_weight()
+    cls1, t = gbbn_cls_loss(p1, y, st.eta, st.grw, W, use_p2p, cfg.grw_reduction)
+    cls2, t2 = gbbn_cls_loss(p2, y, st.eta, st.grw, W, use_p2p, cfg.grw_reduction)
+    terms = {k: (t[k] + t2[k]) / 2 for k in t}
+    zero = cls1.new_zeros(())
+    terms["hycon"] = zero
+    if not cfg.no_hycon:
+        h = model.proj2(z).float()
+        terms["hycon"] = hycon_loss(h[:B], h[B:], z1, z2, u1[y], u2[y])
+    terms["p2p_mu"] = zero
+    mu_batch = (u1 + u2) / 2
+    if use_p2p:
+        # classes absent from the batch enter through their running mean (README: choices)
+        mu = torch.where(present[:, None], mu_batch, model.mu_run)
+        avail = present | model.mu_seen
+        mu_g = (mu * avail[:, None]).sum(0) / avail.sum().clamp(min=1)     # unweighted mu_G
+        terms["p2p_mu"] = p2p_loss(mu - mu_g, st.gram, avail)
+    with torch.no_grad():
+        m = cfg.mean_momentum
+        upd = torch.where(model.mu_seen[:, None], m * model.mu_run + (1 - m) * mu_batch.detach(), mu_batch.detach())
+        model.mu_run.copy_(torch.where(present[:, None], upd, model.mu_run))
+        model.mu_seen |= present
+    total = cls1 + cls2 + cfg.alpha * (terms["hycon"] + terms["p2p_mu"])
+    return total, terms
+
+
+def step_ce(model, views, y, st):
+    _, logits, _ = model(views[0])
+    ce = F.cross_entropy(logits.float(), y)
+    return ce, {"ce": ce}
+
+
+def step_etf(model, views, y, st):
+    _, _, h = model(views[0])
+    dr = etf_dr_loss(h, model.head.M, y, st.cfg.etf_balance)
+    return dr, {"dr": dr}
+
+
+def step_ncmc(model, views, y, st):
+    _, _, h = model(views[0])
+    loss = ncmc_cos_loss(h, model.head.W, model.head.mask, y)
+    return loss, {"cos": loss}
+
+
+STEPS = {"allnc": step_allnc, "allnc++": step_allnc, "ce": step_ce, "etf": step_etf, "rbl": step_ce,
+         "ncmc": step_ncmc}
+VIEWS = {"allnc": 2, "allnc++": 2, "ce": 1, "etf": 1, "rbl": 1, "ncmc": 1}
+
+
+def eval_logits(model, x, st):
+    """Test-time logits; RBL subtracts tau * log prior (post-hoc logit adjustment)."""
+    logits = model(x)[1].float()
+    if st.cfg.method == "rbl":
+        logits = logit_adjust(logits, st.counts, st.cfg.rbl_tau)
+    return logits
+
+
+def logit_adjust(logits, counts, tau):
+    """logit_i - tau * log(N_i / N): argmax of this is RBL's prediction rule."""
+    n = torch.as_tensor(counts, dtype=torch.float32, device=logits.device)
+    return logits - tau * torch.log(n / n.sum())
+
+# ==============================================================================================
+# Model and data set-up
+
+def build_model(cfg, C, counts, in_channels):
+    enc = models.encoder_for(cfg.arch, cfg.depth, in_channels)
+    d = enc.out_dim
+    head = {"ce": lambda: models.LinearHead(d, C), "allnc": lambda: models.LinearHead(d, C),
+            "allnc++": lambda: models.LinearHead(d, C), "etf": lambda: models.ETFHead(d, C, cfg.seed),
+            "rbl": lambda: models.RotatedETFHead(d, C, cfg.seed),
+            "ncmc": lambda: models.MultiCenterHead(
+                d, C, models.ncmc_center_counts(counts, cfg.ncmc_f, cfg.ncmc_centers == "aware"),
+                cfg.ncmc_theta, cfg.seed)}[cfg.method]()
+    allnc = cfg.method.startswith("allnc")
+    model = models.Net(enc, head, cfg.proj_dim if allnc else 0, cfg.pred_hidden)
+    if allnc:
+        model.register_buffer("mu_run", torch.zeros(C, cfg.proj_dim))
+        model.register_buffer("mu_seen", torch.zeros(C, dtype=torch.bool))
+    return model
+
+
+class Data:
+    """Training/test data of one run: counts, and either device tensors or PIL datasets."""
+
+    def __init__(self, cfg, device):
+        self.info = info = data_lt.DATASETS[cfg.dataset]
+        self.cfg, self.device = cfg, device
+        if info.kind == "folder" and not cfg.smoke:
+            self._init_folder(cfg)
+            return
+        self.C = info.num_classes
+        if cfg.smoke:
+            xtr, ytr, xte, yte, self.counts = smoke_data(cfg)
+            self.info = info = dataclasses.replace(data_lt.DATASETS["synthetic"], num_classes=self.C)
+        else:
+            xtr, ytr = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, True, cfg.download)
+            xte, yte = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, False, cfg.download)
+            self.counts = data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type)
+            keep = data_lt.long_tail_indices(ytr, self.counts)
+            xtr, ytr = xtr[keep], ytr[keep]
+        self.in_channels = xtr.shape[1]
+        self.xtr, self.ytr = xtr.to(device), ytr.to(device)
+        self.xte, self.yte = xte.to(device), yte.to(device)
+        if cfg.loader == "pil":
+            self.pil = data_lt.PILViews(xtr, ytr, info, VIEWS[cfg.method], cfg.augment, cfg.randaug)
+
+    def _init_folder(self, cfg):
+        info = self.info
+        tr, C = data_lt.folder_samples(cfg.dataset, cfg.data_root, True, cfg.imb, cfg.imb_type,
+                                       cfg.train_list, cfg.test_list)
+        te, _ = data_lt.folder_samples(cfg.dataset, cfg.data_root, False, cfg.imb, cfg.imb_type,
+                                       cfg.train_list, cfg.test_list)
+        self.C, self.in_channels = C, 3
+        self.counts = torch.bincount(torch.tensor([s[1] for s in tr]), minlength=C).tolist()
+        if min(self.counts) == 0:
+            raise DataError(f"some classes of {cfg.dataset} have no training images; check --data-root / --train-list")
+        size = min(info.size, 224)
+        self.pil = data_lt.ListDataset(tr, data_lt.folder_transforms(info, True, size), VIEWS[cfg.method])
+        self.test = data_lt.ListDataset(te, data_lt.folder_transforms(info, False, size), 1)
+        self.plain_train = data_lt.ListDataset(tr, data_lt.folder_transforms(info, False, size), 1)
+        self.ntr = len(tr)
+
+    def n_train(self):
+        return len(self.xtr) if hasattr(self, "xtr") else self.ntr
+
+    def train_batches(self, epoch, views, bs=None):
+        cfg = self.cfg
+        bs = bs or cfg.batch_size
+        if cfg.loader == "tensor":
+            return data_lt.tensor_loader(self.xtr, self.ytr, self.info, bs, cfg.seed, epoch, views,
+                                         cfg.augment, cfg.randaug)
+        batches = data_lt.epoch_batches(self.n_train(), bs, cfg.seed, epoch)
+        return data_lt.pil_loader(self.pil, batches, cfg.workers, cfg.seed, epoch, self.device)
+
+    def plain(self, train):
+        """Un-augmented (images, labels) batches of the training or test set."""
+        if hasattr(self, "xtr"):
+            x, y = (self.xtr, self.ytr) if train else (self.xte, self.yte)
+            for i in range(0, len(x), 1024):
+                yield data_lt.to_float(x[i:i + 1024], self.info.mean, self.info.std), y[i:i + 1024]
+            return
+        ds = self.plain_train if train else self.test
+        dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=self.cfg.workers)
+        for x, y in dl:
+            yield x.to(self.device), y.to(self.device)
+
+
+def smoke_data(cfg):
+    """A tiny generated stand-in for `cfg.dataset` with its classes and LT profile (SCALE=smoke)."""
+    C = data_lt.DATASETS[cfg.dataset].num_classes
+    n_max = 40
+    counts = [max(2, n) for n in (data_lt.exp_counts(n_max, C, cfg.imb) if cfg.imb_type == "exp"
+                                  else data_lt.pareto_counts(C, n_max, max(2, int(n_max / cfg.imb))))]
+    g = torch.Generator().manual_seed(1234)
+    proto = torch.rand(C, 3, 1, 1, generator=g) * 200 + 20
+    stripe = torch.rand(C, 1, 16, 16, generator=g) * 60
+
+    def make(ns, seed):
+        gg = torch.Generator().manual_seed(seed)
+        y = torch.cat([torch.full((n,), c) for c, n in enumerate(ns)])
+        x = proto[y] + stripe[y] + torch.randn(len(y), 3, 16, 16, generator=gg) * 25
+        return x.clamp(0, 255).to(torch.uint8), y
+
+    xtr, ytr = make(counts, 1)
+    xte, yte = make([5] * C, 2)
+    return xtr, ytr, xte, yte, counts
+
+# ==============================================================================================
+# Evaluation and neural-collapse metrics
+
+@torch.no_grad()
+def evaluate(model, data, st):
+    """Top-1 on the balanced test set, Many (>100) / Medium (20..100) / Few (<20), per class."""
+    model.eval()
+    C = data.C
+    correct = torch.zeros(C, dtype=torch.float64, device=data.device)
+    total = torch.zeros(C, dtype=torch.float64, device=data.device)
+    with st.autocast():
+        for x, y in data.plain(train=False):
+            pred = eval_logits(model, x, st).argmax(1)
+            total.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+            correct.index_add_(0, y, (pred == y).double())
+    model.train()
+    acc = (correct / total.clamp(min=1)).cpu()
+    counts = torch.tensor(data.counts)
+    groups = {"many": counts > 100, "medium": (counts >= 20) & (counts <= 100), "few": counts < 20}
+    out = {"top1": 100 * correct.sum().item() / max(total.sum().item(), 1)}
+    for g, m in groups.items():
+        out[g] = 100 * acc[m].mean().item() if m.any() else None
+    out["per_class"] = [round(100 * a, 3) for a in acc.tolist()]
+    return out
+
+
+def nc_metrics(features, labels, W, b=None, icpa=False, chunk=8192):
+    """Neural-collapse metrics in float64 (NC1, Eq. 4, 6, 7, equinorm, NC4).
+
+    features N x d (the vectors the classifier acts on), labels N, W C x d classifier rows.
+    mu_G is the unweighted mean of the class means. Std/mean of cosines are over the C(C-1)
+    off-diagonal pairs (population std)."""
+    W = W.detach().double()
+    C, d = W.shape
+    labels = labels.to(features.device)
+    cnt = torch.bincount(labels, minlength=C).double()
+    sums = torch.zeros(C, d, dtype=torch.float64, device=features.device)
+    for i in range(0, len(features), chunk):
+        sums.index_add_(0, labels[i:i + chunk], features[i:i + chunk].double())
+    present = cnt > 0
+    mu = sums / cnt.clamp(min=1)[:, None]
+    mu_g = mu[present].mean(0)
+    Mc = (mu - mu_g)[present]                                   # centered class means
+    Sw = torch.zeros(d, d, dtype=torch.float64, device=features.device)
+    agree = 0.0
+    Wd, bd = W.to(features.device), (b.detach().double().to(features.device) if b is not None else None)
+    for i in range(0, len(features), chunk):
+        f, yy = features[i:i + chunk].double(), labels[i:i + chunk]
+        r = f - mu[yy]
+        Sw += r.t() @ r
+        logits = f @ Wd.t() + (bd if bd is not None else 0)
+        near = torch.cdist(f, mu[present]).argmin(1)
+        agree += (logits[:, present].argmax(1) == near).sum().item()
+    Sw /= len(features)
+    Sb = Mc.t() @ Mc / len(Mc)
+    evals, evecs = torch.linalg.eigh(Sb)                       # symmetric pseudo-inverse of Sigma_B
+    keep = evals > evals.max() * max(d, C) * torch.finfo(torch.float64).eps * 1e3
+    Sb_pinv = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].t()
+    Wp = Wd[present]
+    out = {"nc1": torch.trace(Sw @ Sb_pinv).item() / len(Mc)}
+    for key, V in (("mu", Mc), ("w", Wp - Wp.mean(0))):
+        Vn = F.normalize(V, dim=1)
+        cos = Vn @ Vn.t()
+        off = cos[~torch.eye(len(V), dtype=torch.bool, device=V.device)]
+        out[f"cos_{key}_mean"], out[f"cos_{key}_std"] = off.mean().item(), off.std(unbiased=False).item()
+        if icpa:
+            out[f"icpa_{key}"] = torch.rad2deg(torch.arccos(cos.clamp(-1, 1))).cpu().round(decimals=2).tolist()
+    nm, nw = Mc.norm(dim=1), Wp.norm(dim=1)
+    out["equinorm_mu"] = (nm.std(unbiased=False) / nm.mean()).item()
+    out["equinorm_w"] = (nw.std(unbiased=False) / nw.mean()).item()
+    out["self_duality"] = (Wp / Wp.norm() - Mc / Mc.norm()).norm().item()       # Eq. 4
+    out["ncc_agreement"] = agree / len(features)
+    return out
+
+
+@torch.no_grad()
+def train_nc_metrics(model, data, st, icpa=False):
+    """NC metrics of the classifier input h on the un-augmented training set (one pass)."""
+    model.eval()
+    hs, ys = [], []
+    with st.autocast():
+        for x, y in data.plain(train=True):
+            hs.append(model(x)[2].float())
+            ys.append(y)
+    model.train()
+    head = model.head
+    return nc_metrics(torch.cat(hs), torch.cat(ys), head.classifier_weight().float(),
+                      head.classifier_bias(), icpa=icpa)
+
+# ==============================================================================================
+# Training
+
+class TrainState:
+    """What the step functions need besides the model: config, class counts, eta, autocast."""
+
+    def __init__(self, cfg, data, device):
+        self.cfg, self.C, self.counts, self.device = cfg, data.C, data.counts, device
+        self.grw = grw_weights(data.counts, cfg.grw_rho).to(device)
+        self.gram = etf_gram(data.C, device)
+        self.eta = 1.0
+        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def lr_at(step, total_steps, warmup_steps, base):
+    """Linear warm-up, then cosine decay to 0 (README: schedule)."""
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def max_norm_(W, thresh):
+    """Weight balancing's MaxNorm (projected gradient): rows longer than thresh are scaled to it."""
+    with torch.no_grad():
+        W.mul_((thresh / W.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+
+
+def eta_for(cfg, epoch):
+    if cfg.no_gbbn:
+        return 0.0
+    if cfg.fixed_gamma:
+        return bbn_eta(epoch, cfg.epochs)
+    return gbbn_eta(epoch, cfg.epochs, cfg.gamma)
+
+
+class NonFinite(Exception):
+    pass
+
+
+def train_epoch(model, opt, data, st, epoch, step0, total_steps, stage2=False):
+    """One epoch; returns the epoch's mean loss terms and images/s. Never syncs per step."""
+    cfg = st.cfg
+    views = 1 if stage2 else VIEWS[cfg.method]
+    step_fn = step_stage2 if stage2 else STEPS[cfg.method]
+    base_lr = cfg.wb_stage2_lr if stage2 else cfg.lr
+    warm = 0 if stage2 else min(cfg.warmup, cfg.epochs // 10) * (total_steps // cfg.epochs)
+    sums, first_bad, n, imgs = None, None, 0, 0
+    t0 = time.time()
+    for i, (xs, y) in enumerate(data.train_batches(epoch, views)):
+        lr = lr_at(step0 + i, total_steps, warm, base_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with st.autocast():
+            loss, terms = step_fn(model, xs, y, st)
+        opt.zero_grad(set_to_none=True)
+        if st.scaler:
+            st.scaler.scale(loss).backward()
+            st.scaler.step(opt)
+            st.scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if cfg.method == "allnc++":
+            max_norm_(model.head.fc.weight, cfg.maxnorm)
+        vec = torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
+        bad = ~torch.isfinite(vec)
+        if sums is None:
+            keys = ["loss"] + list(terms)
+            sums, first_bad = torch.zeros_like(vec), torch.full_like(vec, -1)
+        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(vec, float(i)), first_bad)
+        sums += torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)
+        n += 1
+        imgs += len(y) * views
+    if n == 0:
+        raise DataError(f"the training set ({data.n_train()} images) is smaller than one batch "
+                        f"({cfg.batch_size}); lower --batch-size")
+    if (first_bad >= 0).any():      # one sync per epoch
+        fb = first_bad.tolist()
+        k = min((s, j) for j, s in enumerate(fb) if s >= 0)[1]
+        term = keys[k] if k else next((keys[j] for j, s in enumerate(fb) if s == fb[k] and j), "loss")
+        raise NonFinite(f"loss term '{term}' became non-finite at epoch {epoch} (step {int(fb[k])}); "
+                        f"no result written; try a lower --lr or --amp off")
+    dt = time.time() - t0
+    return {k: v / n for k, v in zip(keys, sums.tolist())} | {"lr": lr, "img_per_s": imgs / dt, "time": dt}, n
+
+
+def step_stage2(model, views, y, st):
+    """AllNC++ stage 2: classifier only, class-balanced (GRW) loss, frozen encoder."""
+    with torch.no_grad():
+        feat = model.encoder(views[0])
+    logits, _ = model.head(feat.float())
+    loss = grw_loss(logits, y, st.grw, "weights")
+    return loss, {"grw": loss}
+
+
+def make_optimizer(model, cfg, stage2=False):
+    if stage2:
+        params, lr, wd = model.head.parameters(), cfg.wb_stage2_lr, cfg.wb_stage2_wd
+    else:
+        params, lr, wd = model.parameters(), cfg.lr, cfg.wd
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+
+# ==============================================================================================
+# Results on disk: atomic JSON and checkpoints, resume
+
+def atomic_write(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def save_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def load_result(path):
+    """A finished result, or None if the file is missing, partial or corrupt."""
+    try:
+        with open(path) as f:
+            r = json.load(f)
+        ok = r.get("complete") is True and isinstance(r.get("final", {}).get("top1"), (int, float))
+        return r if ok else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_checkpoint(path, cfg):
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if ck["config"] != dataclasses.asdict(cfg) | {k: ck["config"].get(k) for k in NOT_IDENTITY}:
+            return None
+        return ck
+    except Exception:
+        return None
+
+# ==============================================================================================
+# The run
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name} but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def run(cfg, quiet=False):
+    """Train and evaluate one configuration; returns the result dict (also written to --out)."""
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    device = pick_device(cfg.device)
+    name = run_name(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    res_path, ck_path = os.path.join(cfg.out, name + ".json"), os.path.join(cfg.out, name + ".ckpt")
+    if os.path.exists(res_path) and not cfg.force:
+        done = load_result(res_path)
+        if done:
+            say(f"skip (done): {res_path} exists (--force to re-run)")
+            return done
+        bad = res_path + ".corrupt"
+        os.replace(res_path, bad)
+        say(f"warning: {res_path} was partial or corrupt; moved to {bad} and re-running")
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = Data(cfg, device)
+    st = TrainState(cfg, data, device)
+    model = build_model(cfg, data.C, data.counts, data.in_channels).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    log, start = [], 1
+    ck = None if cfg.force else (load_checkpoint(ck_path, cfg) if os.path.exists(ck_path) else None)
+    total_epochs = cfg.epochs + cfg.wb_stage2_epochs
+    if ck:
+        model.load_state_dict(ck["model"])
+        if ck["epoch"] > cfg.epochs:
+            opt = make_optimizer(model, cfg, stage2=True)
+        opt.load_state_dict(ck["opt"])
+        if st.scaler and ck.get("scaler"):
+            st.scaler.load_state_dict(ck["scaler"])
+        log, start = ck["log"], ck["epoch"] + 1
+        say(f"resuming {name} from epoch {ck['epoch']}")
+    fwd = torch.compile(model) if cfg.compile else model
+    if cfg.compile:
+        fwd.head, fwd.proj1, fwd.proj2, fwd.encoder = model.head, model.proj1, model.proj2, model.encoder
+    steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
+    say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}, "
+        f"amp {st.dtype or 'off'}, loader {cfg.loader}")
+    for epoch in range(start, total_epochs + 1):
+        stage2 = epoch > cfg.epochs
+        if stage2 and epoch == cfg.epochs + 1:
+            opt = make_optimizer(model, cfg, stage2=True)
+        st.eta = eta_for(cfg, min(epoch, cfg.epochs))
+        e = epoch - cfg.epochs if stage2 else epoch
+        n_ep = cfg.wb_stage2_epochs if stage2 else cfg.epochs
+        row, _ = train_epoch(model if not cfg.compile else fwd, opt, data, st, epoch,
+                             (e - 1) * steps, n_ep * steps, stage2)
+        row = {"epoch": epoch, "stage": 2 if stage2 else 1, "eta": st.eta} | row
+        last = epoch == total_epochs
+        if last or epoch % max(cfg.eval_every, 1) == 0:
+            row["test"] = {k: v for k, v in evaluate(model, data, st).items() if k != "per_class"}
+        if last or (cfg.nc_every and epoch % cfg.nc_every == 0):
+            row["nc"] = train_nc_metrics(model, data, st)
+        log.append(row)
+        say(progress_line(row, total_epochs))
+        ck = {"config": dataclasses.asdict(cfg), "epoch": epoch, "log": log, "model": model.state_dict(),
+              "opt": opt.state_dict(), "scaler": st.scaler.state_dict() if st.scaler else None}
+        atomic_write(ck_path, lambda f: torch.save(ck, f))
+    final = evaluate(model, data, st)
+    final["nc"] = train_nc_metrics(model, data, st, icpa=True)
+    result = {"version": 1, "name": name, "config": dataclasses.asdict(cfg), "counts": data.counts,
+              "n_train": data.n_train(), "device": str(device), "log": log, "final": final, "complete": True}
+    save_json(res_path, result)
+    if os.path.exists(ck_path):
+        os.remove(ck_path)
+    return result
+
+
+def progress_line(r, total):
+    fmt = lambda v: f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    terms = " ".join(f"{k} {fmt(v)}" for k, v in r.items()
+                     if k not in ("epoch", "stage", "eta", "lr", "img_per_s", "time", "test", "nc"))
+    test = f" | test {r['test']['top1']:.2f}" if "test" in r else ""
+    stage = " (stage 2)" if r["stage"] == 2 else ""
+    return (f"epoch {r['epoch']:>3}/{total}{stage} | {terms} | eta {r['eta']:.3f} | lr {r['lr']:.5f}{test} | "
+            f"{r['img_per_s']:.0f} img/s | {r['time']:.1f}s")
+
+# ==============================================================================================
+# Printed tables: one run, and the paper's tables from a results directory
+
+NC_KEYS = ("nc1", "cos_mu_std", "cos_w_std", "cos_mu_mean", "cos_w_mean", "equinorm_mu", "equinorm_w",
+           "self_duality", "ncc_agreement")
+
+# The paper's numbers (Tables II-VII), typed in once; printed beside ours, never mixed into them.
+PAPER = {
+    "II": {  # method -> (dataset, imb) -> top-1
+        "ce": dict(zip([("cifar10", i) for i in (200, 100, 50, 10)] + [("cifar100", i) for i in (200, 100, 50, 10)],
+                       [65.68, 70.70, 74.81, 86.40, 34.84, 38.43, 43.90, 55.80])),
+        "etf": dict(zip([("cifar10", i) for i in (200, 100, 50)] + [("cifar100", i) for i in (200, 100, 50)],
+                        [71.90, 76.50, 81.00, 40.90, 45.30, 50.40])),
+        "allnc": dict(zip([("cifar10", i) for i in (200, 100, 50, 10)] + [("cifar100", i) for i in (200, 100, 50, 10)],
+                          [85.46, 88.77, 92.12, 95.22, 51.29, 56.63, 62.94, 73.48])),
+        "allnc++": dict(zip([("cifar10", i) for i in (200, 100, 50, 10)] + [("cifar100", i) for i in (200, 100, 50, 10)],
+                            [86.08, 90.12, 92.43, 95.56, 51.50, 57.01, 62.42, 73.60])),
+    },
+    "III": {"ce": (64.0, 33.8, 5.8, 41.6), "allnc": (68.0, 54.5, 32.6, 56.5), "allnc++": (67.9, 54.9, 33.7, 56.9)},
+    "IV": {"ce": (67.2, 63.0, 56.2, 61.7), "allnc": (72.6, 72.0, 70.8, 71.5), "allnc++": (72.3, 72.2, 71.6, 71.9)},
+    "V": {"allnc": {"cifar10": 97.57, "cifar100": 83.78}},
+    "VI": {200: {0.5: (78.83, 59.83, 21.55, 50.19), 1.0: (81.10, 57.87, 21.17, 50.16), 1.5: (79.73, 58.97, 23.90, 51.17),
+                 2.0: (80.10, 57.94, 24.70, 51.29), 2.5: (80.67, 56.87, 23.82, 50.79), 3.0: (81.00, 56.90, 23.59, 50.81),
+                 3.5: (80.10, 58.43, 23.86, 51.11), 4.0: (79.96, 60.59, 22.48, 51.16)},
+           100: {0.5: (77.43, 59.38, 25.94, 55.30), 1.0: (79.54, 56.94, 26.68, 55.47), 1.5: (79.26, 56.18, 27.58, 55.37),
+                 2.0: (78.91, 56.62, 28.16, 55.60), 2.5: (78.94, 55.26, 30.07, 55.72), 3.0: (77.66, 56.18, 33.39, 56.63),
+                 3.5: (75.20, 55.38, 33.58, 55.56), 4.0: (76.86, 56.41, 33.26, 56.40)}},
+    "VII": {"allnc": (77.66, 56.18, 33.39, 56.63), "no_hycon": (77.14, 56.09, 29.75, 55.21),
+            "no_p2p": (79.12, 55.03, 30.16, 55.56), "no_gbbn": (63.26, 54.65, 40.19, 53.18),
+            "fixed_gamma": (77.34, 59.38, 25.94, 55.30)},
+}
+# gamma of the Table II runs: Table VI's best rows equal Table II's AllNC numbers for CIFAR-100-LT
+# (imb 200 -> gamma 2, imb 100 -> gamma 3); elsewhere the paper does not say, and we use 2.
+TABLE2_GAMMA = {("cifar100", 100): 3.0}
+ABLATIONS = ("no_hycon", "no_p2p", "no_gbbn", "fixed_gamma")
+SHOTS = ("many", "medium", "few", "top1")
+
+
+def table2_gamma(dataset, imb):
+    return TABLE2_GAMMA.get((dataset, int(imb)), 2.0)
+
+
+def fnum(v, w=6):
+    return f"{v:{w}.2f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+
+
+def run_table(res):
+    """The table printed at the end of a run: accuracy, NC metrics and the config."""
+    cfg, fin = res["config"], res["final"]
+    key = (cfg["dataset"], int(cfg["imb"]))
+    paper = PAPER["II"].get(cfg["method"], {}).get(key) if not any(cfg[a] for a in ABLATIONS) else None
+    lines = [f"{cfg['method']} on {cfg['dataset']} (imb {cfg['imb']:g}, {cfg['imb_type']}), {res['n_train']} train "
+             f"images, {cfg['epochs']} epochs, seed {cfg['seed']}{'  [SMOKE: generated stand-in data]' if cfg['smoke'] else ''}",
+             f"| {'metric':<14} | {'ours':>8} | {'paper':>8} |", f"|{'-' * 16}|{'-' * 10}|{'-' * 10}|"]
+    for k in SHOTS:
+        lines.append(f"| {k:<14} | {fnum(fin[k], 8)} | {fnum(paper if k == 'top1' else None, 8)} |")
+    for k in NC_KEYS:
+        lines.append(f"| {k:<14} | {fin['nc'][k]:8.4f} | {'-':>8} |")
+    shown = {k: v for k, v in cfg.items() if k not in ("data_root", "out", "name", "force", "workers")}
+    lines.append("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
+    return "\n".join(lines)
+
+
+def collect(results_dir):
+    """Finished results by config; partial or corrupt files are reported, never used."""
+    runs, bad = [], []
+    for fn in sorted(os.listdir(results_dir)):
+        if fn.endswith(".json"):
+            r = load_result(os.path.join(results_dir, fn))
+            (runs if r else bad).append(r or fn)
+    return runs, bad
+
+
+def mean_std(rs, key):
+    vals = [r["final"][key] for r in rs if r["final"].get(key) is not None]
+    if not vals:
+        return None
+    t = torch.tensor(vals, dtype=torch.float64)
+    return t.mean().item(), (t.std(unbiased=False).item() if len(vals) > 1 else None), len(vals)
+
+
+def cell(ms, w=13):
+    if ms is None:
+        return f"{'-':>{w}}"
+    m, s, n = ms
+    return f"{m:.2f}±{s:.2f}".rjust(w) if s is not None else f"{m:.2f}".rjust(w)
+
+
+def pick(runs, **want):
+    out = []
+    for r in runs:
+        c = r["config"]
+        if all((c.get(k) == v) if not callable(v) else v(c.get(k)) for k, v in want.items()):
+            out.append(r)
+    return out
+
+
+def plain_allnc(c):
+    return not any(c.get(a) for a in ABLATIONS)
+
+
+def print_tables(results_dir):
+    runs, bad = collect(results_dir)
+    smoke = any(r["config"]["smoke"] for r in runs)
+    W = 13
+    print(f"Results in {results_dir}: {len(runs)} finished runs" + (f", {len(bad)} partial/corrupt ignored: "
+          f"{', '.join(bad)}" if bad else "") + ". ours = mean±std over seeds; paper = the paper's printed value.")
+    if smoke:
+        print("SMOKE results: generated stand-in data, tiny budgets; the numbers only show the pipeline works.")
+    base = lambda r: plain_allnc(r["config"]) and r["config"]["alpha"] == 1.0
+
+    # Table II
+    cols = [(d, i) for d in ("cifar10", "cifar100") for i in (200, 100, 50, 10)]
+    print("\nTable II: top-1 (%) on CIFAR-10/100-LT (ResNet-32)")
+    print(f"| {'method':<8} |       | " + " | ".join(f"{('C10' if d == 'cifar10' else 'C100') + '-' + str(i):>{W}}"
+                                                 for d, i in cols) + " |")
+    for m in METHODS:
+        ours = []
+        for d, i in cols:
+            rs = [r for r in pick(runs, dataset=d, imb=float(i), method=m, imb_type="exp") if base(r)
+                  and (not m.startswith("allnc") or r["config"]["gamma"] == table2_gamma(d, i))]
+            ours.append(mean_std(rs, "top1"))
+        pap = [PAPER["II"].get(m, {}).get(c) for c in cols]
+        print(f"| {m:<8} | ours  | " + " | ".join(cell(o, W) for o in ours) + " |")
+        print(f"| {'':<8} | paper | " + " | ".join(fnum(p, W) for p in pap) + " |")
+        print(f"| {'':<8} | diff  | " + " | ".join(fnum(o[0] - p if o and p else None, W) for o, p in zip(ours, pap)) + " |")
+
+    # Tables III and IV
+    for tab, ds, title in (("III", "imagenet_lt", "ImageNet-LT (ResNeXt-50-32x4d)"), ("IV", "inat2018", "iNaturalist 2018 (ResNet-50)")):
+        print(f"\nTable {tab}: top-1 (%) on {title}")
+        rows = [r for r in pick(runs, dataset=ds) if base(r)]
+        if not rows:
+            print(f"  no runs (set the data root in run_all.sh to run them)")
+        shot_table([(m, mean_group(pick(rows, method=m)), PAPER[tab].get(m)) for m in METHODS if pick(rows, method=m)])
+
+    # Table V
+    print("\nTable V: top-1 (%) on balanced CIFAR-10/100 (RandAugment)")
+    print(f"| {'method':<8} |       | {'CIFAR-10':>{W}} | {'CIFAR-100':>{W}} |")
+    for m in METHODS:
+        ours = [mean_std([r for r in pick(runs, dataset=d, imb=1.0, method=m) if base(r)], "top1") for d in ("cifar10", "cifar100")]
+        if not any(ours) and m not in PAPER["V"]:
+            continue
+        pap = [PAPER["V"].get(m, {}).get(d) for d in ("cifar10", "cifar100")]
+        print(f"| {m:<8} | ours  | {cell(ours[0], W)} | {cell(ours[1], W)} |")
+        print(f"| {'':<8} | paper | {fnum(pap[0], W)} | {fnum(pap[1], W)} |")
+
+    # Table VI
+    print("\nTable VI: AllNC on CIFAR-100-LT for different gamma (Many / Medium / Few / All)")
+    for imb in (200, 100):
+        print(f"  imb {imb}")
+        rows = [r for r in pick(runs, dataset="cifar100", imb=float(imb), method="allnc") if base(r)]
+        shot_table([(f"gamma {g:g}", mean_group([r for r in rows if r["config"]["gamma"] == g]), PAPER["VI"][imb][g])
+                    for g in sorted(PAPER["VI"][imb])])
+
+    # Table VII
+    print("\nTable VII: ablations of AllNC on CIFAR-100-LT (imb 100, gamma 3)")
+    rows = pick(runs, dataset="cifar100", imb=100.0, method="allnc", gamma=3.0, alpha=1.0)
+    entries = [("allnc", mean_group([r for r in rows if plain_allnc(r["config"])]), PAPER["VII"]["allnc"])]
+    for a in ABLATIONS:
+        sel = [r for r in rows if r["config"][a] and sum(bool(r["config"][b]) for b in ABLATIONS) == 1]
+        entries.append((f"w/o {a[3:] if a.startswith('no_') else 'adjustable gamma'}", mean_group(sel), PAPER["VII"][a]))
+    shot_table(entries)
+
+    # Fig. 8
+    print("\nFig. 8: AllNC on CIFAR-100-LT (imb 100, gamma 3) for different alpha (paper: a figure, no numbers)")
+    rows = [r for r in pick(runs, dataset="cifar100", imb=100.0, method="allnc", gamma=3.0) if plain_allnc(r["config"])]
+    alphas = sorted({r["config"]["alpha"] for r in rows})
+    shot_table([(f"alpha {a:g}", mean_group([r for r in rows if r["config"]["alpha"] == a]), None) for a in alphas])
+
+
+def mean_group(rs):
+    return {k: mean_std(rs, k) for k in SHOTS} if rs else None
+
+
+def shot_table(entries, W=13):
+    print(f"  | {'':<22} |       | " + " | ".join(f"{k:>{W}}" for k in ("Many", "Medium", "Few", "All")) + " |")
+    for label, ours, pap in entries:
+        o = [ours[k] if ours else None for k in SHOTS]
+        print(f"  | {label:<22} | ours  | " + " | ".join(cell(x, W) for x in o) + " |")
+        if pap:
+            print(f"  | {'':<22} | paper | " + " | ".join(fnum(p, W) for p in pap) + " |")
+
+# ==============================================================================================
+# Figures (matplotlib is optional)
+
+def plot(paths, out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DataError("--plot needs matplotlib: pip install matplotlib") from None
+    runs = []
+    for p in paths:
+        r = load_result(p)
+        if r is None:
+            raise DataError(f"{p} is not a finished result JSON of allnc.py")
+        runs.append(r)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for r in runs:   # Fig. 2/7: ICPA heatmaps of centered class means and centered classifier rows
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+        C = len(r["counts"])
+        opt_deg = math.degrees(math.acos(-1 / (C - 1)))
+        for ax, key, title in zip(axes, ("icpa_mu", "icpa_w"), ("class means", "classifier vectors")):
+            m = torch.tensor(r["final"]["nc"][key])
+            im = ax.imshow((m - opt_deg).abs(), cmap="Blues", vmin=0)
+            ax.set_title(f"|ICPA - {opt_deg:.1f}°|, {title}")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.suptitle(r["name"], fontsize=8)
+        path = os.path.join(out_dir, r["name"] + "-icpa.png")
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))   # Fig. 3/4: Std of cosines and self-duality
+    for key, ax in zip(("cos_mu_std", "cos_w_std", "self_duality"), axes):
+        for r in runs:
+            pts = [(row["epoch"], row["nc"][key]) for row in r["log"] if "nc" in row]
+            ax.plot(*zip(*pts), marker="o", label=f"{r['config']['method']} ({r['config']['dataset']})")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend(fontsize=7)
+    path = os.path.join(out_dir, "nc-curves.png")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return written + [path]
+
+# ==============================================================================================
+# Benchmark: images/s of (a) bare model fwd+bwd, (b) full AllNC step on the tensor path,
+# (c) the same with the PIL loader. Images are counted per view.
+
+def benchmark(cfg, steps=20, warm=3):
+    device = pick_device(cfg.device)
+    cfg.method = cfg.method if cfg.method.startswith("allnc") else "allnc"
+    cfg.loader = "tensor"
+    data = Data(cfg, device)
+    st = TrainState(cfg, data, device)
+    info = data.info
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def timed(fn, it):
+        for _ in range(warm):
+            fn(next(it))
+        sync()
+        t = time.time()
+        n = 0
+        for _ in range(steps):
+            n += fn(next(it))
+        sync()
+        return n / (time.time() - t)
+
+    torch.manual_seed(0)
+    model = build_model(cfg, data.C, data.counts, data.in_channels).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    fwd = torch.compile(model) if cfg.compile else model
+    B = cfg.batch_size * VIEWS[cfg.method]
+    x = torch.randn(B, data.in_channels, info.size, info.size, device=device)
+    y = torch.randint(data.C, (B,), device=device)
+
+    def bare(_):
+        with st.autocast():
+            loss = F.cross_entropy(fwd(x)[1].float(), y)
+        loss.backward()
+        return B
+
+    a = timed(bare, iter(int, 1))
+    opt = make_optimizer(model, cfg)
+    st.eta = 0.5
+
+    def full(batch):
+        xs, yy = batch
+        with st.autocast():
+            loss, _ = STEPS[cfg.method](model, xs, yy, st)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return len(yy) * len(xs)
+
+    def endless(loader_kind):
+        cfg.loader, e = loader_kind, 0
+        if loader_kind == "pil":
+            data.pil = data_lt.PILViews(data.xtr.cpu(), data.ytr.cpu(), info, VIEWS[cfg.method], True, cfg.randaug)
+        while True:
+            e += 1
+            yield from data.train_batches(e, VIEWS[cfg.method])
+
+    b = timed(full, endless("tensor"))
+    c = timed(full, endless("pil"))
+    peak = (f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA)" if device.type == "cuda" else
+            f"{__import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS)")
+    print(f"benchmark: {cfg.dataset} (imb {cfg.imb:g}), {cfg.arch}-{cfg.depth}, batch {cfg.batch_size} x "
+          f"{VIEWS[cfg.method]} views, device {device}, amp {st.dtype or 'off'}, {steps} timed steps"
+          f"{', compiled' if cfg.compile else ''}, {torch.get_num_threads()} threads, workers {cfg.workers}")
+    print(f"| {'measurement':<40} | {'images/s':>10} |")
+    print(f"| {'(a) bare model fwd+bwd, random tensors':<40} | {a:10.0f} |")
+    print(f"| {'(b) full AllNC step, tensor loader':<40} | {b:10.0f} |")
+    print(f"| {'(c) full AllNC step, PIL loader':<40} | {c:10.0f} |")
+    print(f"b/a = {b / a:.3f}   b/c = {b / c:.3f}   peak memory {peak}")
+    return {"a": a, "b": b, "c": c}
+
+# ==============================================================================================
+# Command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}; see python allnc.py --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        if f.type is bool or f.type == "bool":
+            if f.default:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=meta["help"])
+            else:
+                p.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+            continue
+        typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        p.add_argument(flag, dest=f.name, type=typ, default=f.default, choices=meta.get("choices"), help=meta["help"])
+    p.add_argument("--tables", metavar="DIR", help="print the paper's tables from the result JSONs in DIR")
+    p.add_argument("--plot", nargs="+", metavar="JSON", help="draw ICPA heatmaps and NC curves (PNG, into --out)")
+    p.add_argument("--benchmark", action="store_true", help="images/s of bare model, tensor loader, PIL loader")
+    p.add_argument("--benchmark-steps", type=int, default=20, help="timed steps per benchmark measurement")
+    a = p.parse_args(argv)
+    extra = {k: getattr(a, k) for k in ("tables", "plot", "benchmark", "benchmark_steps")}
+    cfg = Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)})
+    return cfg, extra
+
+
+def main(argv=None):
+    cfg, extra = parse_args(argv)
+    try:
+        if extra["tables"]:
+            if not os.path.isdir(extra["tables"]):
+                raise DataError(f"{extra['tables']} is not a directory of result JSONs")
+            print_tables(extra["tables"])
+            return 0
+        if extra["plot"]:
+            for path in plot(extra["plot"], cfg.out):
+                print(f"wrote {path}")
+            return 0
+        resolve(cfg)
+        if extra["benchmark"]:
+            benchmark(cfg, extra["benchmark_steps"])
+            return 0
+        result = run(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFinite as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume from the last finished epoch", file=sys.stderr)
+        return 130
+    print()
+    print(run_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

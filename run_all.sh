@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Every configuration of the paper's tables, then the tables (ours beside the paper's numbers).
+#
+#   bash run_all.sh                 # all tables, on CUDA with AMP (bf16), resumable
+#   bash run_all.sh --list          # print every configuration (table, command); run nothing
+#   bash run_all.sh --only VI       # one table: II III IV V VI VII 8 (Fig. 8)
+#   SCALE=smoke bash run_all.sh     # tiny generated stand-in data, 1 epoch, CPU: checks the pipeline
+#
+# Settings (environment variables):
+#   SEEDS="0"              seeds per configuration; "0 1 2" makes the tables show mean±std
+#   RESULTS=results        result JSONs (one per run), checkpoints and logs/
+#   GPUS=                  GPU ids to spread runs over, one run per GPU at a time
+#                          (default: CUDA_VISIBLE_DEVICES if set, else one run at a time)
+#   JOBS=                  runs at a time (default: the number of GPUs in GPUS, else 1)
+#   IMAGENET_LT_ROOT=      ImageFolder root of ImageNet-LT (train/ and val/) -> Table III
+#   IMAGENET_LT_TRAIN_LIST=, IMAGENET_LT_TEST_LIST=   the standard split files, if you have them
+#   INAT2018_ROOT=         ImageFolder root of iNaturalist 2018 -> Table IV
+#   INAT2018_TRAIN_LIST=, INAT2018_TEST_LIST=
+#   EXTRA=""               flags added to every run (e.g. "--compile")
+#   PYTHON=python
+# A finished configuration (its result JSON exists and is complete) is skipped; an interrupted
+# one resumes from its last epoch checkpoint. Runs that fail (e.g. a NaN loss) are reported at
+# the end and the others go on.
+set -u
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+SEEDS=${SEEDS:-0}
+RESULTS=${RESULTS:-results}
+SCALE=${SCALE:-full}
+EXTRA=${EXTRA:-}
+ONLY=""
+LIST=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --list) LIST=1 ;;
+    --only) shift; ONLY=${1:-}; [ -n "$ONLY" ] || { echo "error: --only needs a table: II III IV V VI VII 8" >&2; exit 2; } ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument $1; use --list, --only TABLE or --help" >&2; exit 2 ;;
+  esac
+  shift
+done
+ONLY=${ONLY#Table }; ONLY=${ONLY#Fig. }; ONLY=${ONLY#Fig}
+case "$ONLY" in ""|II|III|IV|V|VI|VII|8) ;; *) echo "error: --only $ONLY: use II III IV V VI VII or 8" >&2; exit 2 ;; esac
+case "$SCALE" in full|smoke) ;; *) echo "error: SCALE=$SCALE: use full or smoke" >&2; exit 2 ;; esac
+
+# gamma of the Table II AllNC runs (Table VI's best rows reproduce Table II's CIFAR-100-LT numbers:
+# imb 200 -> 2, imb 100 -> 3; the paper does not say for the others, we use 2). Keep in step with
+# TABLE2_GAMMA in allnc.py (a test checks).
+gamma_for() { if [ "$1" = cifar100 ] && [ "$2" = 100 ]; then echo 3; else echo 2; fi; }
+
+folder_args() {  # root train_list test_list
+  local a="--data-root $1 --imb-type pareto --imb 1"
+  [ -n "$2" ] && a="$a --train-list $2"
+  [ -n "$3" ] && a="$a --test-list $3"
+  echo "$a"
+}
+
+configs() {  # one line per configuration: TABLE<TAB>allnc.py arguments (or SKIP<TAB>reason)
+  local d i m g a
+  for d in cifar10 cifar100; do for i in 200 100 50 10; do for m in allnc allnc++ ce etf rbl ncmc; do
+    printf 'Table II\t--dataset %s --imb %s --method %s --gamma %s\n' $d $i $m "$(gamma_for $d $i)"
+  done; done; done
+  for m in allnc allnc++ ce; do
+    if [ -n "${IMAGENET_LT_ROOT:-}" ]; then
+      printf 'Table III\t--dataset imagenet_lt %s --method %s --gamma 2\n' \
+        "$(folder_args "$IMAGENET_LT_ROOT" "${IMAGENET_LT_TRAIN_LIST:-}" "${IMAGENET_LT_TEST_LIST:-}")" $m
+    else printf 'Table III\tSKIP %s: IMAGENET_LT_ROOT is not set\n' $m; fi
+    if [ -n "${INAT2018_ROOT:-}" ]; then
+      printf 'Table IV\t--dataset inat2018 %s --method %s --gamma 2\n' \
+        "$(folder_args "$INAT2018_ROOT" "${INAT2018_TRAIN_LIST:-}" "${INAT2018_TEST_LIST:-}")" $m
+    else printf 'Table IV\tSKIP %s: INAT2018_ROOT is not set\n' $m; fi
+  done
+  for d in cifar10 cifar100; do for m in allnc ce; do
+    printf 'Table V\t--dataset %s --imb 1 --method %s --gamma 2\n' $d $m
+  done; done
+  for i in 200 100; do for g in 0.5 1.0 1.5 2.0 2.5 3.0 3.5 4.0; do
+    printf 'Table VI\t--dataset cifar100 --imb %s --method allnc --gamma %s\n' $i $g
+  done; done
+  for a in "" --no-hycon --no-p2p --no-gbbn --fixed-gamma; do
+    printf 'Table VII\t--dataset cifar100 --imb 100 --method allnc --gamma 3%s\n' "${a:+ $a}"
+  done
+  for a in 0 0.25 0.5 1 2; do
+    printf 'Fig. 8\t--dataset cifar100 --imb 100 --method allnc --gamma 3 --alpha %s\n' $a
+  done
+}
+
+selected() {
+  configs | while IFS=$'\t' read -r table args; do
+    local t=${table#Table }; t=${t#Fig. }
+    [ -z "$ONLY" ] || [ "$t" = "$ONLY" ] || continue
+    printf '%s\t%s\n' "$table" "$args"
+  done
+}
+
+if [ "$SCALE" = smoke ]; then
+  SCALE_ARGS="--smoke --epochs 1 --depth 8 --device cpu --nc-every 0 --wb-stage2-epochs 1 --workers 0"
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+else
+  SCALE_ARGS=""
+fi
+
+if [ "$LIST" = 1 ]; then
+  selected | while IFS=$'\t' read -r table args; do
+    case "$args" in SKIP*) printf '%-9s  skipped (%s)\n' "$table" "${args#SKIP }" ;;
+      *) printf '%-9s  %s allnc.py %s %s--seed S --out %s\n' "$table" "$PYTHON" "$args" "${SCALE_ARGS:+$SCALE_ARGS }" "$RESULTS" ;; esac
+  done
+  echo "seeds: $SEEDS"
+  exit 0
+fi
+
+mkdir -p "$RESULTS/logs"
+mapfile -t RUNS < <(selected | while IFS=$'\t' read -r table args; do
+  case "$args" in SKIP*) printf '%s\t%s\t-\n' "$table" "$args" ;;
+    *) for s in $SEEDS; do printf '%s\t%s\t%s\n' "$table" "$args" "$s"; done ;; esac
+done)
+
+GPU_LIST=(${GPUS:-${CUDA_VISIBLE_DEVICES:-}}); GPU_LIST=(${GPU_LIST[@]//,/ })
+JOBS=${JOBS:-${#GPU_LIST[@]}}; [ "$JOBS" -ge 1 ] 2>/dev/null || JOBS=1
+FAILED="$RESULTS/logs/failed.$$"; : > "$FAILED"
+trap 'echo; echo "interrupted: run the same command again to resume" >&2; kill 0 2>/dev/null; exit 130' INT TERM
+
+worker() {  # worker w runs every JOBS-th configuration
+  local w=$1 k=0 table args seed log rc
+  for line in "${RUNS[@]}"; do
+    k=$((k + 1)); [ $(( (k - 1) % JOBS )) = "$w" ] || continue
+    IFS=$'\t' read -r table args seed <<< "$line"
+    case "$args" in SKIP*) echo "[$k/${#RUNS[@]}] $table: skipped (${args#SKIP })"; continue ;; esac
+    log="$RESULTS/logs/$(echo "$table $args s$seed" | tr -c 'A-Za-z0-9.=+-' '_').log"
+    if [ ${#GPU_LIST[@]} -gt 0 ]; then export CUDA_VISIBLE_DEVICES=${GPU_LIST[$((w % ${#GPU_LIST[@]}))]}; fi
+    # shellcheck disable=SC2086
+    $PYTHON allnc.py $args $SCALE_ARGS $EXTRA --seed "$seed" --out "$RESULTS" > "$log" 2>&1
+    rc=$?
+    if [ $rc = 0 ] && grep -q '^skip (done)' "$log"; then echo "[$k/${#RUNS[@]}] $table: $args seed $seed: skip (done)"
+    elif [ $rc = 0 ]; then echo "[$k/${#RUNS[@]}] $table: $args seed $seed: $(grep -m1 '^| top1' "$log" | tr -s ' ')"
+    else echo "[$k/${#RUNS[@]}] $table: $args seed $seed: FAILED (exit $rc): $(tail -n1 "$log")"; echo "$log" >> "$FAILED"; fi
+  done
+}
+
+for w in $(seq 0 $((JOBS - 1))); do worker "$w" & done
+wait
+echo
+$PYTHON allnc.py --tables "$RESULTS"
+n_failed=$(wc -l < "$FAILED"); rm -f "$FAILED"
+if [ "$n_failed" -gt 0 ]; then echo "$n_failed run(s) failed; their logs are named above" >&2; exit 1; fi
