@@ -335,7 +335,7 @@ def build_model(cfg, C, counts, in_channels):
 class Data:
     """Training/test data of one run: counts, and either device tensors or PIL datasets."""
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, smoke_size=16):
         self.info = info = data_lt.DATASETS[cfg.dataset]
         self.cfg, self.device = cfg, device
         if info.kind == "folder" and not cfg.smoke:
@@ -343,8 +343,8 @@ class Data:
             return
         self.C = info.num_classes
         if cfg.smoke:
-            xtr, ytr, xte, yte, self.counts = smoke_data(cfg)
-            self.info = info = dataclasses.replace(data_lt.DATASETS["synthetic"], num_classes=self.C)
+            xtr, ytr, xte, yte, self.counts = smoke_data(cfg, smoke_size)
+            self.info = info = dataclasses.replace(data_lt.DATASETS["synthetic"], num_classes=self.C, size=smoke_size)
         else:
             xtr, ytr = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, True, cfg.download)
             xte, yte = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, False, cfg.download)
@@ -398,7 +398,7 @@ class Data:
             yield x.to(self.device), y.to(self.device)
 
 
-def smoke_data(cfg):
+def smoke_data(cfg, size=16):
     """A tiny generated stand-in for `cfg.dataset` with its classes and LT profile (SCALE=smoke)."""
     C = data_lt.DATASETS[cfg.dataset].num_classes
     n_max = 40
@@ -406,12 +406,12 @@ def smoke_data(cfg):
                                   else data_lt.pareto_counts(C, n_max, max(2, int(n_max / cfg.imb))))]
     g = torch.Generator().manual_seed(1234)
     proto = torch.rand(C, 3, 1, 1, generator=g) * 200 + 20
-    stripe = torch.rand(C, 1, 16, 16, generator=g) * 60
+    stripe = torch.rand(C, 1, size, size, generator=g) * 60
 
     def make(ns, seed):
         gg = torch.Generator().manual_seed(seed)
         y = torch.cat([torch.full((n,), c) for c, n in enumerate(ns)])
-        x = proto[y] + stripe[y] + torch.randn(len(y), 3, 16, 16, generator=gg) * 25
+        x = proto[y] + stripe[y] + torch.randn(len(y), 3, size, size, generator=gg) * 25
         return x.clamp(0, 255).to(torch.uint8), y
 
     xtr, ytr = make(counts, 1)
@@ -602,7 +602,8 @@ def train_epoch(model, opt, data, st, epoch, step0, total_steps, stage2=False):
 
 
 def step_stage2(model, views, y, st):
-    """AllNC++ stage 2: classifier only, class-balanced (GRW) loss, frozen encoder."""
+    """AllNC++ stage 2: classifier only, class-balanced (GRW) loss, frozen encoder (BN too)."""
+    model.encoder.eval()
     with torch.no_grad():
         feat = model.encoder(views[0])
     logits, _ = model.head(feat.float())
@@ -707,9 +708,7 @@ def run(cfg, quiet=False):
             st.scaler.load_state_dict(ck["scaler"])
         log, start = ck["log"], ck["epoch"] + 1
         say(f"resuming {name} from epoch {ck['epoch']}")
-    fwd = torch.compile(model) if cfg.compile else model
-    if cfg.compile:
-        fwd.head, fwd.proj1, fwd.proj2, fwd.encoder = model.head, model.proj1, model.proj2, model.encoder
+    fwd = torch.compile(model) if cfg.compile else model     # attributes still reach the modules
     steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
     say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}, "
         f"amp {st.dtype or 'off'}, loader {cfg.loader}")
@@ -722,7 +721,7 @@ def run(cfg, quiet=False):
         n_ep = cfg.wb_stage2_epochs if stage2 else cfg.epochs
         row, _ = train_epoch(model if not cfg.compile else fwd, opt, data, st, epoch,
                              (e - 1) * steps, n_ep * steps, stage2)
-        row = {"epoch": epoch, "stage": 2 if stage2 else 1, "eta": st.eta} | row
+        row = {"epoch": epoch, "stage": 2 if stage2 else 1} | ({"eta": st.eta} if cfg.method.startswith("allnc") else {}) | row
         last = epoch == total_epochs
         if last or epoch % max(cfg.eval_every, 1) == 0:
             row["test"] = {k: v for k, v in evaluate(model, data, st).items() if k != "per_class"}
@@ -749,7 +748,8 @@ def progress_line(r, total):
                      if k not in ("epoch", "stage", "eta", "lr", "img_per_s", "time", "test", "nc"))
     test = f" | test {r['test']['top1']:.2f}" if "test" in r else ""
     stage = " (stage 2)" if r["stage"] == 2 else ""
-    return (f"epoch {r['epoch']:>3}/{total}{stage} | {terms} | eta {r['eta']:.3f} | lr {r['lr']:.5f}{test} | "
+    eta = f" | eta {r['eta']:.3f}" if "eta" in r else ""
+    return (f"epoch {r['epoch']:>3}/{total}{stage} | {terms}{eta} | lr {r['lr']:.5f}{test} | "
             f"{r['img_per_s']:.0f} img/s | {r['time']:.1f}s")
 
 # ==============================================================================================
@@ -920,6 +920,38 @@ def print_tables(results_dir):
     rows = [r for r in pick(runs, dataset="cifar100", imb=100.0, method="allnc", gamma=3.0) if plain_allnc(r["config"])]
     alphas = sorted({r["config"]["alpha"] for r in rows})
     shot_table([(f"alpha {a:g}", mean_group([r for r in rows if r["config"]["alpha"] == a]), None) for a in alphas])
+    if runs:
+        print_all_runs(runs)
+
+
+def variant(c):
+    """How a run differs from its method's defaults, for the all-runs table."""
+    v = [a.replace("_", "-") for a in ABLATIONS if c[a]]
+    if c["method"].startswith("allnc"):
+        v += [f"g{c['gamma']:g}", f"a{c['alpha']:g}"]
+    return " ".join(v + (["smoke"] if c["smoke"] else []))
+
+
+def print_all_runs(runs):
+    """Every finished run, grouped over seeds: accuracy and the main NC metrics."""
+    groups = {}
+    for r in runs:
+        c = r["config"]
+        key = (c["dataset"], c["imb"], c["method"], variant(c), c["epochs"], c["depth"] if c["arch"] == "resnet_cifar" else c["arch"])
+        groups.setdefault(key, []).append(r)
+    nc = ("nc1", "cos_mu_std", "cos_w_std", "self_duality")
+    print("\nAll runs: top-1 (%) mean±std over seeds, and NC metrics at the end of training (mean over seeds)")
+    print(f"| {'dataset':<11} | {'imb':>5} | {'method':<8} | {'variant':<12} | {'ep':>4} | {'net':>5} | {'seeds':>5} | "
+          + " | ".join(f"{k:>11}" for k in ("Many", "Medium", "Few", "All")) + " | "
+          + " | ".join(f"{k:>12}" for k in nc) + " |")
+    order = {m: i for i, m in enumerate(METHODS)}
+    for key in sorted(groups, key=lambda k: (k[0], -k[1], order[k[2]], k[3], k[4])):
+        rs = groups[key]
+        accs = [cell(mean_std(rs, k), 11) for k in SHOTS]
+        ncs = [f"{sum(r['final']['nc'][k] for r in rs) / len(rs):12.4f}" for k in nc]
+        d, imb, m, v, ep, net = key
+        print(f"| {d:<11} | {imb:>5g} | {m:<8} | {v:<12} | {ep:>4} | {str(net):>5} | {len(rs):>5} | "
+              + " | ".join(accs) + " | " + " | ".join(ncs) + " |")
 
 
 def mean_group(rs):
@@ -987,7 +1019,7 @@ def benchmark(cfg, steps=20, warm=3):
     device = pick_device(cfg.device)
     cfg.method = cfg.method if cfg.method.startswith("allnc") else "allnc"
     cfg.loader = "tensor"
-    data = Data(cfg, device)
+    data = Data(cfg, device, smoke_size=data_lt.DATASETS[cfg.dataset].size)   # --smoke: stand-in at real size
     st = TrainState(cfg, data, device)
     info = data.info
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -1119,4 +1151,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)     # `| head` ends quietly
     sys.exit(main())

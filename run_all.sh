@@ -4,7 +4,7 @@
 #   bash run_all.sh                 # all tables, on CUDA with AMP (bf16), resumable
 #   bash run_all.sh --list          # print every configuration (table, command); run nothing
 #   bash run_all.sh --only VI       # one table: II III IV V VI VII 8 (Fig. 8)
-#   SCALE=smoke bash run_all.sh     # tiny generated stand-in data, 1 epoch, CPU: checks the pipeline
+#   SCALE=smoke bash run_all.sh     # tiny generated stand-in data, 2 epochs, CPU: checks the pipeline
 #
 # Settings (environment variables):
 #   SEEDS="0"              seeds per configuration; "0 1 2" makes the tables show mean±std
@@ -93,8 +93,10 @@ selected() {
 }
 
 if [ "$SCALE" = smoke ]; then
-  SCALE_ARGS="--smoke --epochs 1 --depth 8 --device cpu --nc-every 0 --wb-stage2-epochs 1 --workers 0"
+  # 2 epochs so that eta (and so gamma) matters; one thread per run, two runs at a time
+  SCALE_ARGS="--smoke --epochs 2 --depth 8 --device cpu --nc-every 0 --wb-stage2-epochs 1 --workers 0"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  JOBS=${JOBS:-2}
 else
   SCALE_ARGS=""
 fi
