@@ -66,6 +66,8 @@ class Config:
                              "(torch's weighted mean)", choices=("batch", "weights"))
     mean_momentum: float = opt(0.9, "EMA momentum of the running class means used for classes absent "
                                "from a batch")
+    p2p_space: str = opt("z", "class means for L_p(mu~): z = proj1(phi(x)) as in Algorithm 1, or feature = phi(x), "
+                         "the classifier's input that Eq. 4 measures", choices=("z", "feature"))
     no_hycon: bool = opt(False, "ablation: drop L_con (Table VII)")
     no_p2p: bool = opt(False, "ablation: drop L_p(mu~) and L_p(w) (Table VII)")
     no_gbbn: bool = opt(False, "ablation: eta = 0 from the start, i.e. rebalancing loss only (Table VII)")
@@ -249,6 +251,11 @@ def step_allnc(model, views, y, st):
     p1, p2, z1, z2 = logits[:B], logits[B:], z[:B], z[B:]
     u1, present = batch_class_means(z1, y, C)
     u2, _ = batch_class_means(z2, y, C)
+    if cfg.p2p_space == "feature":
+        f = feat.float()
+        mu_batch = (batch_class_means(f[:B], y, C)[0] + batch_class_means(f[B:], y, C)[0]) / 2
+    else:
+        mu_batch = (u1 + u2) / 2
     use_p2p = not cfg.no_p2p
     W = model.head.classifier_weight()
     cls1, t = gbbn_cls_loss(p1, y, st.eta, st.grw, W, use_p2p, cfg.grw_reduction)
@@ -260,7 +267,6 @@ def step_allnc(model, views, y, st):
         h = model.proj2(z).float()
         terms["hycon"] = hycon_loss(h[:B], h[B:], z1, z2, u1[y], u2[y])
     terms["p2p_mu"] = zero
-    mu_batch = (u1 + u2) / 2
     if use_p2p:
         # classes absent from the batch enter through their running mean (README: choices)
         mu = torch.where(present[:, None], mu_batch, model.mu_run)
@@ -327,7 +333,7 @@ def build_model(cfg, C, counts, in_channels):
     allnc = cfg.method.startswith("allnc")
     model = models.Net(enc, head, cfg.proj_dim if allnc else 0, cfg.pred_hidden)
     if allnc:
-        model.register_buffer("mu_run", torch.zeros(C, cfg.proj_dim))
+        model.register_buffer("mu_run", torch.zeros(C, cfg.proj_dim if cfg.p2p_space == "z" else d))
         model.register_buffer("mu_seen", torch.zeros(C, dtype=torch.bool))
     return model
 

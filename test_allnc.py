@@ -204,9 +204,9 @@ def test_rbl_rotation_stays_orthogonal_after_steps():
     assert torch.allclose(logits, h @ R @ head.M, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", allnc.METHODS)
-def test_each_method_trains_one_step(tmp_path, method):
-    cfg = tiny_cfg(tmp_path, method=method)
+@pytest.mark.parametrize("method,space", [(m, "z") for m in allnc.METHODS] + [("allnc", "feature")])
+def test_each_method_trains_one_step(tmp_path, method, space):
+    cfg = tiny_cfg(tmp_path, method=method, p2p_space=space)
     data = allnc.Data(cfg, torch.device("cpu"))
     st = allnc.TrainState(cfg, data, torch.device("cpu"))
     st.eta = 0.5
@@ -227,6 +227,7 @@ def test_each_method_trains_one_step(tmp_path, method):
     if method.startswith("allnc"):
         assert set(terms) == {"ce", "grw", "p2p_w", "hycon", "p2p_mu"}
         assert model.mu_seen.sum() == (torch.bincount(y, minlength=data.C) > 0).sum()
+        assert model.mu_run.shape[1] == (cfg.proj_dim if space == "z" else model.encoder.out_dim)
 
 
 def test_allnc_total_is_eq14(tmp_path):
