@@ -990,13 +990,17 @@ def plot(paths, out_dir):
         runs.append(r)
     os.makedirs(out_dir, exist_ok=True)
     written = []
+    vmax = max(abs(v - math.degrees(math.acos(-1 / (len(r["counts"]) - 1))))   # one colour scale for all
+               for r in runs for k in ("icpa_mu", "icpa_w") for i, row in enumerate(r["final"]["nc"][k])
+               for j, v in enumerate(row) if i != j)
     for r in runs:   # Fig. 2/7: ICPA heatmaps of centered class means and centered classifier rows
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
         C = len(r["counts"])
         opt_deg = math.degrees(math.acos(-1 / (C - 1)))
         for ax, key, title in zip(axes, ("icpa_mu", "icpa_w"), ("class means", "classifier vectors")):
-            m = torch.tensor(r["final"]["nc"][key])
-            im = ax.imshow((m - opt_deg).abs(), cmap="Blues", vmin=0)
+            dev = (torch.tensor(r["final"]["nc"][key]) - opt_deg).abs()
+            dev.fill_diagonal_(float("nan"))            # a class with itself is no pair
+            im = ax.imshow(dev, cmap="Blues", vmin=0, vmax=vmax)
             ax.set_title(f"|ICPA - {opt_deg:.1f}°|, {title}")
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(r["name"], fontsize=8)
