@@ -934,7 +934,7 @@ def variant(c):
     """How a run differs from its method's defaults, for the all-runs table."""
     v = [a.replace("_", "-") for a in ABLATIONS if c[a]]
     if c["method"].startswith("allnc"):
-        v += [f"g{c['gamma']:g}", f"a{c['alpha']:g}"]
+        v += [f"g{c['gamma']:g}", f"a{c['alpha']:g}"] + (["p2p-feat"] if c.get("p2p_space", "z") != "z" else [])
     return " ".join(v + (["smoke"] if c["smoke"] else []))
 
 
