@@ -947,7 +947,7 @@ def print_all_runs(runs):
         groups.setdefault(key, []).append(r)
     nc = ("nc1", "cos_mu_std", "cos_w_std", "self_duality")
     print("\nAll runs: top-1 (%) mean±std over seeds, and NC metrics at the end of training (mean over seeds)")
-    print(f"| {'dataset':<11} | {'imb':>5} | {'method':<8} | {'variant':<12} | {'ep':>4} | {'net':>5} | {'seeds':>5} | "
+    print(f"| {'dataset':<11} | {'imb':>5} | {'method':<8} | {'variant':<15} | {'ep':>4} | {'net':>5} | {'seeds':>5} | "
           + " | ".join(f"{k:>11}" for k in ("Many", "Medium", "Few", "All")) + " | "
           + " | ".join(f"{k:>12}" for k in nc) + " |")
     order = {m: i for i, m in enumerate(METHODS)}
@@ -956,7 +956,7 @@ def print_all_runs(runs):
         accs = [cell(mean_std(rs, k), 11) for k in SHOTS]
         ncs = [f"{sum(r['final']['nc'][k] for r in rs) / len(rs):12.4f}" for k in nc]
         d, imb, m, v, ep, net = key
-        print(f"| {d:<11} | {imb:>5g} | {m:<8} | {v:<12} | {ep:>4} | {str(net):>5} | {len(rs):>5} | "
+        print(f"| {d:<11} | {imb:>5g} | {m:<8} | {v:<15} | {ep:>4} | {str(net):>5} | {len(rs):>5} | "
               + " | ".join(accs) + " | " + " | ".join(ncs) + " |")
 
 
