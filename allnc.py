@@ -52,12 +52,19 @@ class Config:
     lr: float = opt(None, "peak learning rate (paper: 0.01 CIFAR, 0.1 ImageNet-LT/iNat)")
     wd: float = opt(None, "weight decay (paper: 5e-3 CIFAR, 2e-4 ImageNet-LT/iNat)")
     momentum: float = opt(0.9, "SGD momentum")
-    warmup: int = opt(5, "linear warm-up epochs before the cosine decay (at most a tenth of the run)")
+    warmup: int = opt(None, "linear warm-up epochs before the per-epoch cosine decay (at most a tenth of the "
+                      "run); default 0 on CIFAR-scale sets (GLMC: CosineAnnealingLR), 10 on ImageNet-LT/iNat (PaCo)")
     # model
     arch: str = opt(None, "resnet_cifar | resnext50 | resnet50 (default by dataset)")
     depth: int = opt(32, "CIFAR ResNet depth 6n+2 (8, 20, 32, ...)")
+    width: int = opt(None, "CIFAR ResNet base width: stages width/2 width/4 width (16: the LDAM/BCL ResNet-32, "
+                     "0.46M; 64: GLMC's ResNet-32, 7.4M). Default 64 on cifar10/100, 16 on fmnist/synthetic")
+    heads: int = opt(1, "1: one classifier f carries CE and L_re + L_p(w) (Algorithm 1); 2: GLMC's conventional "
+                     "head for CE plus a rebalanced head for L_re + L_p(w), which predicts", choices=(1, 2))
+    proj: str = opt("linear", "proj1/proj2: linear = GLMC's Linear(d,128) and Linear(128,128); mlp = SimSiam-style "
+                    "Linear-BN-ReLU-Linear", choices=("linear", "mlp"))
     proj_dim: int = opt(128, "output size of proj1 (z) and proj2 (h)")
-    pred_hidden: int = opt(64, "hidden size of the predictor proj2 (SimSiam bottleneck)")
+    pred_hidden: int = opt(64, "hidden size of proj2 with --proj mlp (SimSiam bottleneck)")
     # AllNC (Eq. 8-14)
     gamma: float = opt(2.0, "GBBN exponent gamma of Eq. 13")
     alpha: float = opt(1.0, "weight alpha of L_con + L_p(mu~) in Eq. 14 (paper gives no default)")
@@ -72,11 +79,18 @@ class Config:
     no_p2p: bool = opt(False, "ablation: drop L_p(mu~) and L_p(w) (Table VII)")
     no_gbbn: bool = opt(False, "ablation: eta = 0 from the start, i.e. rebalancing loss only (Table VII)")
     fixed_gamma: bool = opt(False, "ablation: BBN's own schedule eta = 1 - ((T-1)/T_max)^2 (Table VII)")
-    # AllNC++ (weight balancing, Alshammari et al. 2022)
-    maxnorm: float = opt(0.1, "MaxNorm threshold on classifier rows (allnc++)")
+    # AllNC++ (weight balancing, Alshammari et al. 2022; ShadeAlsha/LTR-weight-balancing)
+    maxnorm: float = opt(0.1, "allnc++: MaxNorm threshold on classifier rows (relative: a fraction of the "
+                         "norms' range; absolute: a norm)")
+    maxnorm_mode: str = opt("relative", "relative: cap = min + t (max - min) of the row norms at the start of the "
+                            "stage (regularizers.py); absolute: cap = t", choices=("relative", "absolute"))
+    maxnorm_every: str = opt("epoch", "apply MaxNorm after each epoch's steps (trainval.py) or after every step",
+                             choices=("epoch", "step"))
+    maxnorm_stage1: bool = opt(False, "allnc++: MaxNorm in stage 1 too (the public demo applies it in stage 2 only)")
     wb_stage2_epochs: int = opt(10, "allnc++: epochs of classifier-only retraining after the main run")
-    wb_stage2_lr: float = opt(0.005, "allnc++: stage-2 learning rate")
+    wb_stage2_lr: float = opt(0.01, "allnc++: stage-2 learning rate (cosine over the stage)")
     wb_stage2_wd: float = opt(0.1, "allnc++: stage-2 weight decay")
+    wb_cb_beta: float = opt(0.9999, "allnc++: stage-2 class-balanced loss beta (effective number of samples)")
     # baselines
     etf_balance: bool = opt(False, "etf: multiply each sample by the batch class-balance factor (public code)")
     rbl_tau: float = opt(1.0, "rbl: post-hoc logit adjustment strength tau")
@@ -87,7 +101,10 @@ class Config:
     # data and augmentation
     data_root: str = opt("./data", "where datasets live (CIFAR is downloaded there if missing)")
     download: bool = opt(True, "download CIFAR / Fashion-MNIST if missing (--no-download to forbid)")
-    randaug: bool = opt(True, "RandAugment on both views (--no-randaug: crop + flip only)")
+    randaug: str = opt("timm", "RandAugment after crop + flip: timm (rand-n2-m10-mstd0.5, the file PaCo ships) | "
+                       "torchvision (RandAugment(2, 9)) | none", choices=("timm", "torchvision", "none"))
+    lt_subset: str = opt("ldam", "which images form the LT subset: ldam (numpy seed 0, per-class shuffle: LDAM-DRW, "
+                         "BCL, PaCo) | first (file order: weight balancing)", choices=("ldam", "first"))
     augment: bool = opt(True, "any augmentation at all (--no-augment: for checks only)")
     loader: str = opt("auto", "tensor (batched on the device) | pil (per-image DataLoader) | auto",
                       choices=("auto", "tensor", "pil"))
@@ -107,6 +124,9 @@ class Config:
     force: bool = opt(False, "re-run even if a finished result exists")
 
 
+# Protocol defaults by dataset (README: "Which ResNet-32, which RandAugment?").
+WIDTH_DEFAULT = {"cifar10": 64, "cifar100": 64}      # GLMC's ResNet-32 (nf=64); fmnist/synthetic: 16
+
 # Fields that do not change what a run computes; left out of the run name's hash.
 NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "eval_every", "nc_every",
                 "data_root", "download", "train_list", "test_list"}
@@ -120,13 +140,18 @@ def resolve(cfg):
     big = info.kind == "folder"
     defaults = dict(epochs=(90 if cfg.dataset == "imagenet_lt" else 100) if big else 200,
                     batch_size=128 if big else 64, lr=0.1 if big else 0.01, wd=2e-4 if big else 5e-3,
-                    arch={"imagenet_lt": "resnext50", "inat2018": "resnet50"}.get(cfg.dataset, "resnet_cifar"))
+                    arch={"imagenet_lt": "resnext50", "inat2018": "resnet50"}.get(cfg.dataset, "resnet_cifar"),
+                    width=WIDTH_DEFAULT.get(cfg.dataset, 16), warmup=10 if big else 0)
     for k, v in defaults.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     for k in ("epochs", "batch_size"):
         if getattr(cfg, k) < 1:
             raise DataError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be a positive integer")
+    if cfg.width < 1:
+        raise DataError(f"--width {cfg.width} must be a positive integer (16 or 64 for the paper's networks)")
+    if cfg.maxnorm <= 0 or not 0 < cfg.wb_cb_beta < 1:
+        raise DataError("--maxnorm must be > 0 and --wb-cb-beta in (0, 1)")
     if cfg.depth < 8 or (cfg.depth - 2) % 6:
         raise DataError(f"--depth {cfg.depth} is not 6n+2; use 8, 20, 32, 44 or 56")
     if cfg.gamma <= 0 or cfg.alpha < 0 or cfg.lr <= 0 or cfg.warmup < 0 or cfg.wb_stage2_epochs < 0:
@@ -163,14 +188,15 @@ def p2p_loss(v, rho=None, mask=None):
     """Eq. 10/11: (1/C^2) sum_ij (<v_i, v_j> - rho_ij)^2 over l2-normalised rows v_i.
 
     mask (optional, bool C): only rows that exist yet take part, C counts those rows (used while
-    some classes have not been seen in training)."""
-    v = F.normalize(v.float(), dim=1)
-    rho = etf_gram(len(v), v.device) if rho is None else rho
-    err = (v @ v.t() - rho) ** 2
-    if mask is None:
-        return err.sum() / len(v) ** 2
-    m = mask.float()
-    return (err * m[:, None] * m[None, :]).sum() / m.sum().clamp(min=1) ** 2
+    some classes have not been seen in training). The Gram matrix is float32 even under autocast."""
+    with torch.autocast(v.device.type, enabled=False):
+        v = F.normalize(v.float(), dim=1)
+        rho = etf_gram(len(v), v.device) if rho is None else rho
+        err = (v @ v.t() - rho) ** 2
+        if mask is None:
+            return err.sum() / len(v) ** 2
+        m = mask.float()
+        return (err * m[:, None] * m[None, :]).sum() / m.sum().clamp(min=1) ** 2
 
 
 def hycon_sim(h, u, z):
@@ -208,12 +234,25 @@ def grw_loss(logits, y, weights, reduction="batch"):
     return (wy * ce).sum() / (len(y) if reduction == "batch" else wy.sum())
 
 
-def gbbn_cls_loss(logits, y, eta, weights, w_rows, use_p2p, reduction="batch"):
-    """Eq. 12: mean_i [eta CE + (1 - eta)(L_re + L_p(w))] for one view."""
-    ce = F.cross_entropy(logits.float(), y)
+def gbbn_cls_loss(logits, y, eta, weights, w_rows, use_p2p, reduction="batch", ce_logits=None):
+    """Eq. 12: mean_i [eta CE + (1 - eta)(L_re + L_p(w))] for one view. ce_logits: a separate
+    conventional head's logits for the CE term (--heads 2, GLMC); by default the same classifier."""
+    ce = F.cross_entropy((logits if ce_logits is None else ce_logits).float(), y)
     re = grw_loss(logits, y, weights, reduction)
     pw = p2p_loss(w_rows) if use_p2p else ce.new_zeros(())
     return eta * ce + (1 - eta) * (re + pw), {"ce": ce, "grw": re, "p2p_w": pw}
+
+
+def cb_loss(logits, y, counts, beta=0.9999):
+    """Class-balanced loss of weight balancing's stage 2 (class_balanced_loss.py, 'softmax'):
+    w_c = (1 - beta)/(1 - beta^N_c) normalised to sum C; mean over samples and classes of
+    w_{y_i} BCE(softmax(logits)_ic, onehot_ic)."""
+    n = torch.as_tensor(counts, dtype=torch.float64, device=logits.device)
+    w = (1 - beta) / (1 - beta ** n)
+    w = (w / w.sum() * len(n)).float()
+    p = logits.float().softmax(1)
+    onehot = F.one_hot(y, len(n)).float()
+    return F.binary_cross_entropy(p, onehot, weight=w[y][:, None].expand_as(p))
 
 
 def etf_dr_loss(h, M, y, balance=False):
@@ -247,6 +286,8 @@ def step_allnc(model, views, y, st):
     """Algorithm 1, lines 5-13, for one batch."""
     cfg, C, B = st.cfg, st.C, len(y)
     feat, logits, _ = model(torch.cat(views))
+    with torch.autocast(feat.device.type, enabled=False):
+        ce_logits = model.head.ce_logits(feat) if cfg.heads == 2 else None
     z = model.proj1(feat).float()
     p1, p2, z1, z2 = logits[:B], logits[B:], z[:B], z[B:]
     u1, present = batch_class_means(z1, y, C)
@@ -258,8 +299,9 @@ def step_allnc(model, views, y, st):
         mu_batch = (u1 + u2) / 2
     use_p2p = not cfg.no_p2p
     W = model.head.classifier_weight()
-    cls1, t = gbbn_cls_loss(p1, y, st.eta, st.grw, W, use_p2p, cfg.grw_reduction)
-    cls2, t2 = gbbn_cls_loss(p2, y, st.eta, st.grw, W, use_p2p, cfg.grw_reduction)
+    c1, c2 = (None, None) if ce_logits is None else (ce_logits[:B], ce_logits[B:])
+    cls1, t = gbbn_cls_loss(p1, y, st.eta, st.grw, W, use_p2p, cfg.grw_reduction, c1)
+    cls2, t2 = gbbn_cls_loss(p2, y, st.eta, st.grw, W, use_p2p, cfg.grw_reduction, c2)
     terms = {k: (t[k] + t2[k]) / 2 for k in t}
     zero = cls1.new_zeros(())
     terms["hycon"] = zero
@@ -306,7 +348,8 @@ VIEWS = {"allnc": 2, "allnc++": 2, "ce": 1, "etf": 1, "rbl": 1, "ncmc": 1}
 
 
 def eval_logits(model, x, st):
-    """Test-time logits; RBL subtracts tau * log prior (post-hoc logit adjustment)."""
+    """Test-time logits (float32: the model runs without autocast at evaluation; bf16 near-ties
+    would round toward class 0, the head class); RBL subtracts tau * log prior."""
     logits = model(x)[1].float()
     if st.cfg.method == "rbl":
         logits = logit_adjust(logits, st.counts, st.cfg.rbl_tau)
@@ -322,16 +365,16 @@ def logit_adjust(logits, counts, tau):
 # Model and data set-up
 
 def build_model(cfg, C, counts, in_channels):
-    enc = models.encoder_for(cfg.arch, cfg.depth, in_channels)
+    enc = models.encoder_for(cfg.arch, cfg.depth, in_channels, cfg.width)
     d = enc.out_dim
-    head = {"ce": lambda: models.LinearHead(d, C), "allnc": lambda: models.LinearHead(d, C),
-            "allnc++": lambda: models.LinearHead(d, C), "etf": lambda: models.ETFHead(d, C, cfg.seed),
+    head = {"ce": lambda: models.LinearHead(d, C), "allnc": lambda: models.LinearHead(d, C, cfg.heads),
+            "allnc++": lambda: models.LinearHead(d, C, cfg.heads), "etf": lambda: models.ETFHead(d, C, cfg.seed),
             "rbl": lambda: models.RotatedETFHead(d, C, cfg.seed),
             "ncmc": lambda: models.MultiCenterHead(
                 d, C, models.ncmc_center_counts(counts, cfg.ncmc_f, cfg.ncmc_centers == "aware"),
                 cfg.ncmc_theta, cfg.seed)}[cfg.method]()
     allnc = cfg.method.startswith("allnc")
-    model = models.Net(enc, head, cfg.proj_dim if allnc else 0, cfg.pred_hidden)
+    model = models.Net(enc, head, cfg.proj_dim if allnc else 0, cfg.pred_hidden, cfg.proj)
     if allnc:
         model.register_buffer("mu_run", torch.zeros(C, cfg.proj_dim if cfg.p2p_space == "z" else d))
         model.register_buffer("mu_seen", torch.zeros(C, dtype=torch.bool))
@@ -355,7 +398,7 @@ class Data:
             xtr, ytr = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, True, cfg.download)
             xte, yte = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, False, cfg.download)
             self.counts = data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type)
-            keep = data_lt.long_tail_indices(ytr, self.counts)
+            keep = data_lt.long_tail_indices(ytr, self.counts, cfg.lt_subset)
             xtr, ytr = xtr[keep], ytr[keep]
         self.in_channels = xtr.shape[1]
         self.xtr, self.ytr = xtr.to(device), ytr.to(device)
@@ -366,7 +409,7 @@ class Data:
     def _init_folder(self, cfg):
         info = self.info
         tr, C = data_lt.folder_samples(cfg.dataset, cfg.data_root, True, cfg.imb, cfg.imb_type,
-                                       cfg.train_list, cfg.test_list)
+                                       cfg.train_list, cfg.test_list, cfg.lt_subset)
         te, _ = data_lt.folder_samples(cfg.dataset, cfg.data_root, False, cfg.imb, cfg.imb_type,
                                        cfg.train_list, cfg.test_list)
         self.C, self.in_channels = C, 3
@@ -374,7 +417,7 @@ class Data:
         if min(self.counts) == 0:
             raise DataError(f"some classes of {cfg.dataset} have no training images; check --data-root / --train-list")
         size = min(info.size, 224)
-        self.pil = data_lt.ListDataset(tr, data_lt.folder_transforms(info, True, size), VIEWS[cfg.method])
+        self.pil = data_lt.ListDataset(tr, data_lt.folder_transforms(info, True, size, cfg.randaug), VIEWS[cfg.method])
         self.test = data_lt.ListDataset(te, data_lt.folder_transforms(info, False, size), 1)
         self.plain_train = data_lt.ListDataset(tr, data_lt.folder_transforms(info, False, size), 1)
         self.ntr = len(tr)
@@ -427,27 +470,43 @@ def smoke_data(cfg, size=16):
 # ==============================================================================================
 # Evaluation and neural-collapse metrics
 
+def shot_groups(counts):
+    """Class masks by training images. many/medium/few: the paper's text and GLMC's validate()
+    (> 100, 21..100, <= 20); *_bcl: BCL/PaCo's (> 100, 20..100, < 20)."""
+    n = torch.as_tensor(counts)
+    return {"many": n > 100, "medium": (n > 20) & (n <= 100), "few": n <= 20,
+            "medium_bcl": (n >= 20) & (n <= 100), "few_bcl": n < 20}
+
+
 @torch.no_grad()
 def evaluate(model, data, st):
-    """Top-1 on the balanced test set, Many (>100) / Medium (20..100) / Few (<20), per class."""
+    """Top-1 on the balanced test set, per shot group (shot_groups) and per class. The model
+    runs in float32 here, autocast or not in training."""
     model.eval()
     C = data.C
     correct = torch.zeros(C, dtype=torch.float64, device=data.device)
     total = torch.zeros(C, dtype=torch.float64, device=data.device)
-    with st.autocast():
-        for x, y in data.plain(train=False):
-            pred = eval_logits(model, x, st).argmax(1)
-            total.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-            correct.index_add_(0, y, (pred == y).double())
+    for x, y in data.plain(train=False):
+        pred = eval_logits(model, x, st).argmax(1)
+        total.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        correct.index_add_(0, y, (pred == y).double())
     model.train()
     acc = (correct / total.clamp(min=1)).cpu()
-    counts = torch.tensor(data.counts)
-    groups = {"many": counts > 100, "medium": (counts >= 20) & (counts <= 100), "few": counts < 20}
     out = {"top1": 100 * correct.sum().item() / max(total.sum().item(), 1)}
-    for g, m in groups.items():
+    for g, m in shot_groups(data.counts).items():
         out[g] = 100 * acc[m].mean().item() if m.any() else None
     out["per_class"] = [round(100 * a, 3) for a in acc.tolist()]
     return out
+
+
+def best_epoch(log):
+    """The epoch with the highest test top-1 (the first on ties), as every public code base we
+    compare with reports; None if no epoch was evaluated."""
+    rows = [r for r in log if "test" in r]
+    if not rows:
+        return None
+    r = max(rows, key=lambda r: (r["test"]["top1"], -r["epoch"]))
+    return {"epoch": r["epoch"]} | r["test"]
 
 
 def nc_metrics(features, labels, W, b=None, icpa=False, chunk=8192):
@@ -501,13 +560,12 @@ def nc_metrics(features, labels, W, b=None, icpa=False, chunk=8192):
 
 @torch.no_grad()
 def train_nc_metrics(model, data, st, icpa=False):
-    """NC metrics of the classifier input h on the un-augmented training set (one pass)."""
+    """NC metrics of the classifier input h on the un-augmented training set (one float32 pass)."""
     model.eval()
     hs, ys = [], []
-    with st.autocast():
-        for x, y in data.plain(train=True):
-            hs.append(model(x)[2].float())
-            ys.append(y)
+    for x, y in data.plain(train=True):
+        hs.append(model(x)[2].float())
+        ys.append(y)
     model.train()
     head = model.head
     return nc_metrics(torch.cat(hs), torch.cat(ys), head.classifier_weight().float(),
@@ -524,6 +582,7 @@ class TrainState:
         self.grw = grw_weights(data.counts, cfg.grw_rho).to(device)
         self.gram = etf_gram(data.C, device)
         self.eta = 1.0
+        self.maxnorm_cap = None      # allnc++: MaxNorm's cap for the current stage (None: off)
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
@@ -534,18 +593,31 @@ class TrainState:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def lr_at(step, total_steps, warmup_steps, base):
-    """Linear warm-up, then cosine decay to 0 (README: schedule)."""
-    if step < warmup_steps:
-        return base * (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base * 0.5 * (1 + math.cos(math.pi * t))
+def lr_at(epoch, epochs, warmup, base):
+    """Learning rate of 0-based `epoch`, set once per epoch.
+    No warm-up: GLMC's CIFAR schedule, CosineAnnealingLR(T_max=epochs): base (1 + cos(pi e / E)) / 2.
+    Warm-up W: PaCo's adjust_learning_rate (GLMC's ImageNet-LT/iNat): base (e + 1) / W for e < W,
+    then base (1 + cos(pi (e - W + 1) / (E - W + 1))) / 2."""
+    if epoch < warmup:
+        return base * (epoch + 1) / warmup
+    if warmup == 0:
+        return base * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    return base * 0.5 * (1 + math.cos(math.pi * (epoch - warmup + 1) / (epochs - warmup + 1)))
 
 
-def max_norm_(W, thresh):
-    """Weight balancing's MaxNorm (projected gradient): rows longer than thresh are scaled to it."""
+def maxnorm_cap(W, thresh, mode="relative"):
+    """MaxNorm's cap on classifier row norms. relative (weight balancing's regularizers.py):
+    min + thresh (max - min) of the current row norms, fixed for the stage; absolute: thresh."""
+    if mode == "absolute":
+        return float(thresh)
+    n = W.detach().norm(dim=1)
+    return (n.min() + thresh * (n.max() - n.min())).item()
+
+
+def max_norm_(W, cap):
+    """MaxNorm's projection (PGD): rows longer than cap are scaled to it; the bias is exempt."""
     with torch.no_grad():
-        W.mul_((thresh / W.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+        W.mul_((cap / W.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
 
 
 def eta_for(cfg, epoch):
@@ -560,19 +632,20 @@ class NonFinite(Exception):
     pass
 
 
-def train_epoch(model, opt, data, st, epoch, step0, total_steps, stage2=False):
-    """One epoch; returns the epoch's mean loss terms and images/s. Never syncs per step."""
+def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=False):
+    """One epoch (stage_epoch is 1-based within its stage); returns the epoch's mean loss terms
+    and images/s. Loss terms stay on the device; they are read once, at the end of the epoch."""
     cfg = st.cfg
     views = 1 if stage2 else VIEWS[cfg.method]
     step_fn = step_stage2 if stage2 else STEPS[cfg.method]
     base_lr = cfg.wb_stage2_lr if stage2 else cfg.lr
-    warm = 0 if stage2 else min(cfg.warmup, cfg.epochs // 10) * (total_steps // cfg.epochs)
+    warm = 0 if stage2 else min(cfg.warmup, cfg.epochs // 10)
+    lr = lr_at(stage_epoch - 1, stage_epochs, warm, base_lr)
+    for g in opt.param_groups:
+        g["lr"] = lr
     sums, first_bad, n, imgs = None, None, 0, 0
     t0 = time.time()
     for i, (xs, y) in enumerate(data.train_batches(epoch, views)):
-        lr = lr_at(step0 + i, total_steps, warm, base_lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
         with st.autocast():
             loss, terms = step_fn(model, xs, y, st)
         opt.zero_grad(set_to_none=True)
@@ -583,8 +656,8 @@ def train_epoch(model, opt, data, st, epoch, step0, total_steps, stage2=False):
         else:
             loss.backward()
             opt.step()
-        if cfg.method == "allnc++":
-            max_norm_(model.head.fc.weight, cfg.maxnorm)
+        if st.maxnorm_cap is not None and cfg.maxnorm_every == "step":
+            max_norm_(model.head.fc.weight, st.maxnorm_cap)
         vec = torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
         bad = ~torch.isfinite(vec)
         if sums is None:
@@ -604,18 +677,22 @@ def train_epoch(model, opt, data, st, epoch, step0, total_steps, stage2=False):
         term = next((keys[j] for j in range(1, len(fb)) if fb[j] == step), "loss")
         raise NonFinite(f"loss term '{term}' became non-finite at epoch {epoch} (step {int(step)}); "
                         f"no result written; try a lower --lr or --amp off")
+    if st.maxnorm_cap is not None and cfg.maxnorm_every == "epoch":
+        max_norm_(model.head.fc.weight, st.maxnorm_cap)          # once, after the epoch's steps
     dt = time.time() - t0
     return {k: v / n for k, v in zip(keys, sums.tolist())} | {"lr": lr, "img_per_s": imgs / dt, "time": dt}, n
 
 
 def step_stage2(model, views, y, st):
-    """AllNC++ stage 2: classifier only, class-balanced (GRW) loss, frozen encoder (BN too)."""
+    """AllNC++ stage 2 (weight balancing's demo 2): classifier only, frozen encoder (BN too),
+    class-balanced loss."""
     model.encoder.eval()
     with torch.no_grad():
-        feat = model.encoder(views[0])
-    logits, _ = model.head(feat.float())
-    loss = grw_loss(logits, y, st.grw, "weights")
-    return loss, {"grw": loss}
+        feat = model.encoder(views[0]).float()
+    with torch.autocast(feat.device.type, enabled=False):
+        logits, _ = model.head(feat)
+    loss = cb_loss(logits, y, st.counts, st.cfg.wb_cb_beta)
+    return loss, {"cb": loss}
 
 
 def make_optimizer(model, cfg, stage2=False):
@@ -714,6 +791,7 @@ def run(cfg, quiet=False):
         if st.scaler and ck.get("scaler"):
             st.scaler.load_state_dict(ck["scaler"])
         log, start = ck["log"], ck["epoch"] + 1
+        st.maxnorm_cap = ck.get("maxnorm_cap")
         say(f"resuming {name} from epoch {ck['epoch']}")
     fwd = torch.compile(model) if cfg.compile else model     # attributes still reach the modules
     steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
@@ -723,11 +801,12 @@ def run(cfg, quiet=False):
         stage2 = epoch > cfg.epochs
         if stage2 and epoch == cfg.epochs + 1:
             opt = make_optimizer(model, cfg, stage2=True)
+        if cfg.method == "allnc++" and (epoch == cfg.epochs + 1 or (epoch == 1 and cfg.maxnorm_stage1)):
+            st.maxnorm_cap = maxnorm_cap(model.head.fc.weight, cfg.maxnorm, cfg.maxnorm_mode)   # per stage
         st.eta = eta_for(cfg, min(epoch, cfg.epochs))
         e = epoch - cfg.epochs if stage2 else epoch
         n_ep = cfg.wb_stage2_epochs if stage2 else cfg.epochs
-        row, _ = train_epoch(model if not cfg.compile else fwd, opt, data, st, epoch,
-                             (e - 1) * steps, n_ep * steps, stage2)
+        row, _ = train_epoch(model if not cfg.compile else fwd, opt, data, st, epoch, e, n_ep, stage2)
         row = {"epoch": epoch, "stage": 2 if stage2 else 1} | ({"eta": st.eta} if cfg.method.startswith("allnc") else {}) | row
         last = epoch == total_epochs
         if last or epoch % max(cfg.eval_every, 1) == 0:
@@ -737,12 +816,14 @@ def run(cfg, quiet=False):
         log.append(row)
         say(progress_line(row, total_epochs))
         ck = {"config": dataclasses.asdict(cfg), "epoch": epoch, "log": log, "model": model.state_dict(),
-              "opt": opt.state_dict(), "scaler": st.scaler.state_dict() if st.scaler else None}
+              "opt": opt.state_dict(), "scaler": st.scaler.state_dict() if st.scaler else None,
+              "maxnorm_cap": st.maxnorm_cap}
         atomic_write(ck_path, lambda f: torch.save(ck, f))
     final = evaluate(model, data, st)
     final["nc"] = train_nc_metrics(model, data, st, icpa=True)
-    result = {"version": 1, "name": name, "config": dataclasses.asdict(cfg), "counts": data.counts,
-              "n_train": data.n_train(), "device": str(device), "log": log, "final": final, "complete": True}
+    result = {"version": 2, "name": name, "config": dataclasses.asdict(cfg), "counts": data.counts,
+              "n_train": data.n_train(), "device": str(device), "log": log, "final": final,
+              "best": best_epoch(log), "complete": True}
     save_json(res_path, result)
     if os.path.exists(ck_path):
         os.remove(ck_path)
@@ -801,18 +882,30 @@ def fnum(v, w=6):
     return f"{v:{w}.2f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
 
 
+def protocol_line(cfg):
+    """The protocol choices a table's numbers depend on, printed with every table."""
+    net = (f"ResNet-{cfg['depth']} width {cfg.get('width', 16)}" if cfg["arch"] == "resnet_cifar" else cfg["arch"])
+    return (f"{net}, heads {cfg.get('heads', 1)}, RandAugment {cfg.get('randaug', 'torchvision')}, "
+            f"LT subset {cfg.get('lt_subset', 'first')}, warm-up {cfg['warmup']}")
+
+
 def run_table(res):
-    """The table printed at the end of a run: accuracy, NC metrics and the config."""
-    cfg, fin = res["config"], res["final"]
+    """The table printed at the end of a run: accuracy (final and best epoch), NC metrics, config."""
+    cfg, fin, best = res["config"], res["final"], res.get("best") or {}
     key = (cfg["dataset"], int(cfg["imb"]))
     paper = PAPER["II"].get(cfg["method"], {}).get(key) if not any(cfg[a] for a in ABLATIONS) else None
+    bhead = f"best (ep {best['epoch']})" if best else "best"
     lines = [f"{cfg['method']} on {cfg['dataset']} (imb {cfg['imb']:g}, {cfg['imb_type']}), {res['n_train']} train "
              f"images, {cfg['epochs']} epochs, seed {cfg['seed']}{'  [SMOKE: generated stand-in data]' if cfg['smoke'] else ''}",
-             f"| {'metric':<14} | {'ours':>8} | {'paper':>8} |", f"|{'-' * 16}|{'-' * 10}|{'-' * 10}|"]
-    for k in SHOTS:
-        lines.append(f"| {k:<14} | {fnum(fin[k], 8)} | {fnum(paper if k == 'top1' else None, 8)} |")
+             protocol_line(cfg) + "; Few = classes with <= 20 training images (paper), few<20 = BCL's split",
+             f"| {'metric':<14} | {'final':>8} | {bhead:>13} | {'paper':>8} |",
+             f"|{'-' * 16}|{'-' * 10}|{'-' * 15}|{'-' * 10}|"]
+    for k in SHOTS + ("few_bcl",):
+        label = "few<20 (BCL)" if k == "few_bcl" else k
+        lines.append(f"| {label:<14} | {fnum(fin.get(k), 8)} | {fnum(best.get(k), 13)} | "
+                     f"{fnum(paper if k == 'top1' else None, 8)} |")
     for k in NC_KEYS:
-        lines.append(f"| {k:<14} | {fin['nc'][k]:8.4f} | {'-':>8} |")
+        lines.append(f"| {k:<14} | {fin['nc'][k]:8.4f} | {'':>13} | {'':>8} |")
     shown = {k: v for k, v in cfg.items() if k not in ("data_root", "out", "name", "force", "workers")}
     lines.append("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
     return "\n".join(lines)
@@ -828,8 +921,10 @@ def collect(results_dir):
     return runs, bad
 
 
-def mean_std(rs, key):
-    vals = [r["final"][key] for r in rs if r["final"].get(key) is not None]
+def mean_std(rs, key, at="final"):
+    """mean, std (None for one run) and count of a metric over runs; at = final | best (epoch)."""
+    vals = [(r.get(at) or {}).get(key) for r in rs]
+    vals = [v for v in vals if v is not None]
     if not vals:
         return None
     t = torch.tensor(vals, dtype=torch.float64)
@@ -864,6 +959,10 @@ def print_tables(results_dir):
           f"{', '.join(bad)}" if bad else "") + ". ours = mean±std over seeds; paper = the paper's printed value.")
     if smoke:
         print("SMOKE results: generated stand-in data, tiny budgets; the numbers only show the pipeline works.")
+    for line in sorted({protocol_line(r["config"]) for r in runs}):
+        print(f"protocol: {line}")
+    print("ours = final epoch (headline); best = the best test epoch, what GLMC, BCL, PaCo, ETF and RBL report. "
+          "Few = <= 20 training images (the paper's text).")
     base = lambda r: plain_allnc(r["config"]) and r["config"]["alpha"] == 1.0
 
     # Table II
@@ -872,13 +971,13 @@ def print_tables(results_dir):
     print(f"| {'method':<8} |       | " + " | ".join(f"{('C10' if d == 'cifar10' else 'C100') + '-' + str(i):>{W}}"
                                                  for d, i in cols) + " |")
     for m in METHODS:
-        ours = []
-        for d, i in cols:
-            rs = [r for r in pick(runs, dataset=d, imb=float(i), method=m, imb_type="exp") if base(r)
-                  and (not m.startswith("allnc") or r["config"]["gamma"] == table2_gamma(d, i))]
-            ours.append(mean_std(rs, "top1"))
+        sel = [[r for r in pick(runs, dataset=d, imb=float(i), method=m, imb_type="exp") if base(r)
+                and (not m.startswith("allnc") or r["config"]["gamma"] == table2_gamma(d, i))] for d, i in cols]
+        ours = [mean_std(rs, "top1") for rs in sel]
         pap = [PAPER["II"].get(m, {}).get(c) for c in cols]
+        bests = [mean_std(rs, "top1", "best") for rs in sel]
         print(f"| {m:<8} | ours  | " + " | ".join(cell(o, W) for o in ours) + " |")
+        print(f"| {'':<8} | best  | " + " | ".join(cell(o, W) for o in bests) + " |")
         print(f"| {'':<8} | paper | " + " | ".join(fnum(p, W) for p in pap) + " |")
         print(f"| {'':<8} | diff  | " + " | ".join(fnum(o[0] - p if o and p else None, W) for o, p in zip(ours, pap)) + " |")
 
@@ -932,6 +1031,8 @@ def variant(c):
     v = [a.replace("_", "-") for a in ABLATIONS if c[a]]
     if c["method"].startswith("allnc"):
         v += [f"g{c['gamma']:g}", f"a{c['alpha']:g}"] + (["p2p-feat"] if c.get("p2p_space", "z") != "z" else [])
+        v += ["2heads"] if c.get("heads", 1) == 2 else []
+    v += [f"ra-{c.get('randaug', 'torchvision')}"] if c.get("randaug", "torchvision") != "timm" else []
     return " ".join(v + (["smoke"] if c["smoke"] else []))
 
 
@@ -940,25 +1041,27 @@ def print_all_runs(runs):
     groups = {}
     for r in runs:
         c = r["config"]
-        key = (c["dataset"], c["imb"], c["method"], variant(c), c["epochs"], c["depth"] if c["arch"] == "resnet_cifar" else c["arch"])
+        net = f"{c['depth']}x{c.get('width', 16)}" if c["arch"] == "resnet_cifar" else c["arch"]
+        key = (c["dataset"], c["imb"], c["method"], variant(c), c["epochs"], net)
         groups.setdefault(key, []).append(r)
     nc = ("nc1", "cos_mu_std", "cos_w_std", "self_duality")
-    print("\nAll runs: top-1 (%) mean±std over seeds, and NC metrics at the end of training (mean over seeds)")
-    print(f"| {'dataset':<11} | {'imb':>5} | {'method':<8} | {'variant':<15} | {'ep':>4} | {'net':>5} | {'seeds':>5} | "
-          + " | ".join(f"{k:>11}" for k in ("Many", "Medium", "Few", "All")) + " | "
+    print("\nAll runs: top-1 (%) mean±std over seeds (final epoch; 'best All' = best test epoch), net = depth x width,"
+          " and NC metrics at the end of training (mean over seeds)")
+    print(f"| {'dataset':<11} | {'imb':>5} | {'method':<8} | {'variant':<18} | {'ep':>4} | {'net':>6} | {'seeds':>5} | "
+          + " | ".join(f"{k:>11}" for k in ("Many", "Medium", "Few", "All", "best All")) + " | "
           + " | ".join(f"{k:>12}" for k in nc) + " |")
     order = {m: i for i, m in enumerate(METHODS)}
     for key in sorted(groups, key=lambda k: (k[0], -k[1], order[k[2]], k[3], k[4])):
         rs = groups[key]
-        accs = [cell(mean_std(rs, k), 11) for k in SHOTS]
+        accs = [cell(mean_std(rs, k), 11) for k in SHOTS] + [cell(mean_std(rs, "top1", "best"), 11)]
         ncs = [f"{sum(r['final']['nc'][k] for r in rs) / len(rs):12.4f}" for k in nc]
         d, imb, m, v, ep, net = key
-        print(f"| {d:<11} | {imb:>5g} | {m:<8} | {v:<15} | {ep:>4} | {str(net):>5} | {len(rs):>5} | "
+        print(f"| {d:<11} | {imb:>5g} | {m:<8} | {v:<18} | {ep:>4} | {str(net):>6} | {len(rs):>5} | "
               + " | ".join(accs) + " | " + " | ".join(ncs) + " |")
 
 
 def mean_group(rs):
-    return {k: mean_std(rs, k) for k in SHOTS} if rs else None
+    return ({k: mean_std(rs, k) for k in SHOTS} | {f"best_{k}": mean_std(rs, k, "best") for k in SHOTS}) if rs else None
 
 
 def shot_table(entries, W=13):
@@ -966,6 +1069,8 @@ def shot_table(entries, W=13):
     for label, ours, pap in entries:
         o = [ours[k] if ours else None for k in SHOTS]
         print(f"  | {label:<22} | ours  | " + " | ".join(cell(x, W) for x in o) + " |")
+        if ours:
+            print(f"  | {'':<22} | best  | " + " | ".join(cell(ours[f'best_{k}'], W) for k in SHOTS) + " |")
         if pap:
             print(f"  | {'':<22} | paper | " + " | ".join(fnum(p, W) for p in pap) + " |")
 

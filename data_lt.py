@@ -88,16 +88,28 @@ def split_counts(dataset, imb, imb_type="exp"):
     raise DataError(f"unknown --imb-type {imb_type!r}; use exp or pareto")
 
 
-def long_tail_indices(labels, counts):
-    """Indices of the first counts[c] images of every class c, in file order (LDAM/BCL)."""
-    labels = torch.as_tensor(labels)
+def long_tail_indices(labels, counts, mode="ldam", seed=0):
+    """Indices of the images kept for each class c (counts[c] of them).
+
+    ldam: LDAM-DRW's recipe (imbalance_cifar.py; BCL and PaCo reuse it): np.random.seed(0), then for
+          each class in order, that class's indices shuffled by np.random.shuffle, first counts[c]
+          kept; returned in that order (class by class). A private RandomState gives the same
+          stream without touching numpy's global state.
+    first: the first counts[c] images of each class in file order (weight balancing's demo)."""
+    import numpy as np
+    lab = torch.as_tensor(labels).numpy()
+    rs = np.random.RandomState(seed)
     keep = []
     for c, n in enumerate(counts):
-        idx = (labels == c).nonzero().flatten()
+        idx = np.where(lab == c)[0]
         if len(idx) < n:
             raise DataError(f"class {c} has {len(idx)} images, the split asks for {n}; lower --imb or check the data")
+        if mode == "ldam":
+            rs.shuffle(idx)
         keep.append(idx[:n])
-    return torch.cat(keep).sort().values
+    out = torch.from_numpy(np.concatenate(keep)).long()
+    return out if mode == "ldam" else out.sort().values
+
 
 # ----------------------------------------------------------------------------------------------
 # Loading CIFAR-scale sets as uint8 tensors (N, C, H, W) and int64 labels
@@ -180,14 +192,258 @@ def load_tensor_dataset(dataset, root, train, download=True):
 
 # ----------------------------------------------------------------------------------------------
 # Batched augmentation on the training device (tensor path)
-# RandAugment draws, per image, num_ops operations uniformly and a random sign; the magnitude
-# is fixed. Grouping the images of a batch by (operation, sign) and calling torchvision's own
-# op on each group is therefore the same distribution as per-image RandAugment.
+# Every random decision (crop offset, flip, RandAugment op, apply-or-not, magnitude, sign,
+# interpolation) is drawn per image on a CPU generator; images are then grouped by operation on
+# the CPU and each group is transformed in one batched call on the device. Per-image draws,
+# batched application: the same distribution as transforming the images one by one.
+
+def random_crop_flip(x, pad, gen):
+    """Per-image random crop (zero padding `pad`) and horizontal flip of a uint8 batch."""
+    n, _, h, w = x.shape
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = oy[:, None] + torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + ox[:, None]
+    out = xp[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+# timm's RandAugment 'rand-n2-m10-mstd0.5', the file PaCo ships (PaCo/LT/randaugment.py, copied
+# by BCL and GLMC): 15 ops, 2 drawn per image with replacement, each applied with probability
+# 0.5 at magnitude m ~ N(10, 0.5) clipped to [0, 10]; geometric ops fill with the dataset mean
+# and resample bilinear or bicubic at random. Each op below is named after timm's and takes a
+# uint8 batch and its per-image argument (after timm's level-to-argument rule).
+
+def _blend(degenerate, x, factor):
+    """PIL's Image.blend(degenerate, x, factor): float32, truncated, clipped to 0..255."""
+    out = degenerate.float() + factor.view(-1, 1, 1, 1).float() * (x.float() - degenerate.float())
+    return out.clamp(0, 255).trunc().to(torch.uint8)
+
+
+def _gray(x):
+    """PIL's convert('L'): (19595 R + 38470 G + 7471 B + 2^15) >> 16; grey images unchanged."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.int().unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).to(torch.uint8)[:, None]
+
+
+def _lut(x, table):
+    """Apply per-(image, channel) lookup tables (n*c x 256) to a uint8 batch."""
+    n, c, h, w = x.shape
+    flat = x.reshape(n * c, h * w).long()
+    return table.gather(1, flat).reshape(n, c, h, w).to(torch.uint8)
+
+
+def auto_contrast(x, _):
+    """PIL ImageOps.autocontrast: per channel, stretch [lo, hi] to [0, 255] via int(i*scale + offset)."""
+    n, c = x.shape[:2]
+    lo = x.reshape(n * c, -1).amin(1).double()[:, None]
+    hi = x.reshape(n * c, -1).amax(1).double()[:, None]
+    scale = 255.0 / (hi - lo).clamp(min=1)
+    i = torch.arange(256, dtype=torch.float64, device=x.device)[None]
+    table = (i * scale + (-lo * scale)).trunc().clamp(0, 255)
+    return _lut(x, torch.where(hi > lo, table, i).long())
+
+
+def equalize(x, _):
+    """PIL ImageOps.equalize, per channel, with its integer step rule."""
+    n, c = x.shape[:2]
+    flat = x.reshape(n * c, -1).long()
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
+    last = hist.gather(1, flat.amax(1, keepdim=True))            # count of the highest value present
+    step = (flat.shape[1] - last) // 255
+    cum = torch.cumsum(hist, 1) - hist                           # counts below each value
+    table = ((step // 2 + cum) // step.clamp(min=1)).clamp(max=255)     # PIL's point() clips
+    ident = torch.arange(256, device=x.device)[None].expand_as(table)
+    flat_img = ((hist > 0).sum(1, keepdim=True) <= 1) | (step == 0)
+    return _lut(x, torch.where(flat_img, ident, table))
+
+
+def invert(x, _):
+    return 255 - x
+
+
+def posterize(x, bits):
+    """Keep the `bits` most significant bits (0 bits: black)."""
+    mask = ((0xFF << (8 - bits.clamp(max=8))) & 0xFF).to(torch.uint8).view(-1, 1, 1, 1)
+    return x & mask
+
+
+def solarize(x, thresh):
+    t = thresh.view(-1, 1, 1, 1)
+    return torch.where(x.int() < t, x, 255 - x)
+
+
+def solarize_add(x, add, thresh=128):
+    a = add.view(-1, 1, 1, 1)
+    return torch.where(x.int() < thresh, (x.int() + a).clamp(max=255).to(torch.uint8), x)
+
+
+def color(x, factor):
+    return _blend(_gray(x).expand_as(x), x, factor)
+
+
+def contrast(x, factor):
+    """Blend with the image's mean grey level, rounded as PIL's int(mean + 0.5)."""
+    mean = (_gray(x).double().mean((1, 2, 3)) + 0.5).floor()
+    return _blend(mean.view(-1, 1, 1, 1).expand_as(x), x, factor)
+
+
+def brightness(x, factor):
+    return _blend(torch.zeros_like(x), x, factor)
+
+
+_SMOOTH = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
+
+
+def sharpness(x, factor):
+    """Blend with PIL's SMOOTH filter (3x3, border pixels unfiltered), rounded to nearest."""
+    c = x.shape[1]
+    k = _SMOOTH.to(x.device).expand(c, 1, 3, 3)
+    smooth = F.conv2d(x.float(), k, groups=c).add(0.5).floor().clamp(0, 255)
+    deg = x.clone()
+    deg[:, :, 1:-1, 1:-1] = smooth.to(torch.uint8)
+    return _blend(deg, x, factor)
+
+
+def _pil_bicubic(x, qx, qy):
+    """PIL's affine BICUBIC filter: the a = -1 cubic over 4 x 4 edge-clamped neighbours, truncated."""
+    n, c, h, w = x.shape
+    fx, fy = qx - 0.5, qy - 0.5
+    x0, y0 = fx.floor(), fy.floor()
+    dx, dy = (fx - x0)[:, None], (fy - y0)[:, None]
+
+    def cubic(v1, v2, v3, v4, d):
+        return v2 + d * ((v3 - v1) + d * ((2 * (v1 - v2) + v3 - v4) + d * (-v1 + v2 - v3 + v4)))
+
+    flat = x.reshape(n, c, h * w).float()
+    cols = [(x0 + k).clamp(0, w - 1).long() for k in (-1, 0, 1, 2)]
+    rows = []
+    for k in (-1, 0, 1, 2):
+        r = (y0 + k).clamp(0, h - 1).long() * w
+        taps = [flat.gather(2, (r + cc).reshape(n, 1, -1).expand(n, c, -1)).reshape(n, c, h, w) for cc in cols]
+        rows.append(cubic(*taps, dx))
+    return cubic(*rows, dy).clamp(0, 255).trunc()
+
+
+def _affine(x, mats, bicubic, fill):
+    """PIL Image.transform(AFFINE): output pixel (x, y) samples the input at (a x + b y + c,
+    d x + e y + f) (pixel centres at +0.5); samples outside the image take `fill`, those inside
+    clamp to the edge as PIL does. mats n x 6 (PIL's coefficient order), bicubic n bools."""
+    n, c, h, w = x.shape
+    dev = x.device
+    ys, xs = torch.meshgrid(torch.arange(h, device=dev) + 0.5, torch.arange(w, device=dev) + 0.5, indexing="ij")
+    m = mats.to(dev, torch.float32)
+    qx = m[:, 0, None, None] * xs + m[:, 1, None, None] * ys + m[:, 2, None, None]
+    qy = m[:, 3, None, None] * xs + m[:, 4, None, None] * ys + m[:, 5, None, None]
+    grid = torch.stack((2 * qx / w - 1, 2 * qy / h - 1), -1)
+    lin = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).trunc()
+    out = torch.where(bicubic.to(dev).view(-1, 1, 1, 1), _pil_bicubic(x, qx, qy), lin)
+    inside = ((qx >= 0) & (qx < w) & (qy >= 0) & (qy < h))[:, None]
+    fill = torch.tensor(fill, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
+    return torch.where(inside, out.clamp(0, 255), fill).to(torch.uint8)
+
+
+def _const(n, *vals):
+    return torch.tensor(vals, dtype=torch.float64).expand(n, len(vals)).clone()
+
+
+def rotate(x, deg, bicubic, fill):
+    """PIL Image.rotate(deg) about the image centre (counter-clockwise)."""
+    n, _, h, w = x.shape
+    a = -torch.deg2rad(deg.double().cpu())
+    cos, sin = torch.cos(a), torch.sin(a)
+    cx, cy = w / 2, h / 2
+    mats = torch.stack([cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy], 1)
+    return _affine(x, mats, bicubic, fill)
+
+
+def shear_x(x, factor, bicubic, fill):
+    m = _const(len(x), 1, 0, 0, 0, 1, 0)
+    m[:, 1] = factor.double().cpu()
+    return _affine(x, m, bicubic, fill)
+
+
+def shear_y(x, factor, bicubic, fill):
+    m = _const(len(x), 1, 0, 0, 0, 1, 0)
+    m[:, 3] = factor.double().cpu()
+    return _affine(x, m, bicubic, fill)
+
+
+def translate_x_rel(x, pct, bicubic, fill):
+    m = _const(len(x), 1, 0, 0, 0, 1, 0)
+    m[:, 2] = pct.double().cpu() * x.shape[-1]
+    return _affine(x, m, bicubic, fill)
+
+
+def translate_y_rel(x, pct, bicubic, fill):
+    m = _const(len(x), 1, 0, 0, 0, 1, 0)
+    m[:, 5] = pct.double().cpu() * x.shape[-2]
+    return _affine(x, m, bicubic, fill)
+
+
+# op name -> (function, level-to-argument rule of timm (level in [0, 10]), random sign, geometric)
+TIMM_OPS = {
+    "AutoContrast": (auto_contrast, lambda m: m * 0, False, False),
+    "Equalize": (equalize, lambda m: m * 0, False, False),
+    "Invert": (invert, lambda m: m * 0, False, False),
+    "Rotate": (rotate, lambda m: m / 10 * 30, True, True),
+    "Posterize": (posterize, lambda m: (m / 10 * 4).long(), False, False),
+    "Solarize": (solarize, lambda m: (m / 10 * 256).long().clamp(max=256), False, False),
+    "SolarizeAdd": (solarize_add, lambda m: (m / 10 * 110).long().clamp(max=128), False, False),
+    "Color": (color, lambda m: m / 10 * 1.8 + 0.1, False, False),
+    "Contrast": (contrast, lambda m: m / 10 * 1.8 + 0.1, False, False),
+    "Brightness": (brightness, lambda m: m / 10 * 1.8 + 0.1, False, False),
+    "Sharpness": (sharpness, lambda m: m / 10 * 1.8 + 0.1, False, False),
+    "ShearX": (shear_x, lambda m: m / 10 * 0.3, True, True),
+    "ShearY": (shear_y, lambda m: m / 10 * 0.3, True, True),
+    "TranslateXRel": (translate_x_rel, lambda m: m / 10 * 0.45, True, True),
+    "TranslateYRel": (translate_y_rel, lambda m: m / 10 * 0.45, True, True),
+}
+TIMM_NAMES = tuple(TIMM_OPS)
+
+
+def timm_op(name, x, magnitude, sign=None, bicubic=None, fill=(128, 128, 128)):
+    """One timm op on a uint8 batch at per-image magnitudes (float tensor n, level 0..10) and
+    signs (+1/-1, for rotate/shear/translate); bicubic: per-image resampling choice."""
+    fn, level, signed, geometric = TIMM_OPS[name]
+    arg = level(magnitude.double())
+    if signed:
+        arg = arg * (sign if sign is not None else torch.ones_like(arg))
+    if not geometric:
+        return fn(x, arg.to(x.device))
+    bic = bicubic if bicubic is not None else torch.zeros(len(x), dtype=torch.bool)
+    return fn(x, arg, bic, tuple(fill)[:x.shape[1]] if len(fill) >= x.shape[1] else tuple(fill) * x.shape[1])
+
+
+def rand_augment(x, gen=None, num_ops=2, magnitude=10.0, magnitude_std=0.5, prob=0.5, fill=(128, 128, 128)):
+    """timm RandAugment (rand-n2-m10-mstd0.5 by default) on a uint8 batch, drawn independently per
+    image on the CPU generator `gen` (torch's default generator if None)."""
+    n = len(x)
+    for _ in range(num_ops):
+        op = torch.randint(len(TIMM_NAMES), (n,), generator=gen)
+        apply = torch.rand(n, generator=gen) <= prob                 # timm skips if random() > prob
+        mag = (magnitude + magnitude_std * torch.randn(n, generator=gen, dtype=torch.float64)).clamp(0, 10)
+        sign = torch.where(torch.rand(n, generator=gen) > 0.5, -1.0, 1.0).double()
+        bicubic = torch.rand(n, generator=gen) < 0.5
+        out = x.clone()
+        for k, name in enumerate(TIMM_NAMES):
+            sel = ((op == k) & apply).nonzero().flatten()        # CPU tensors: no device sync
+            if len(sel) == 0:
+                continue
+            idx = sel.to(x.device)
+            out[idx] = timm_op(name, x[idx], mag[sel], sign[sel], bicubic[sel], fill)
+        x = out
+    return x
+
 
 _RA = None
 
 
-def _rand_augment():
+def _torchvision_ra():
     global _RA
     if _RA is None:
         from torchvision.transforms import v2
@@ -195,55 +451,55 @@ def _rand_augment():
     return _RA
 
 
-def random_crop_flip(x, pad, gen):
-    """Per-image random crop (zero padding `pad`) and horizontal flip of a uint8 batch."""
-    n, _, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
-    flip = (torch.rand(n, generator=gen, device=gen.device) < 0.5).to(x.device)
-    rows = oy[:, None] + torch.arange(h, device=x.device)
-    cols = torch.arange(w, device=x.device).expand(n, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols) + ox[:, None]
-    out = xp[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
-def rand_augment(x, gen, num_ops=2, magnitude=9, bins=31):
-    """torchvision RandAugment(num_ops, magnitude), drawn independently per image, on a uint8 batch."""
-    ra = _rand_augment()
+def rand_augment_torchvision(x, gen=None, num_ops=2, magnitude=9, bins=31):
+    """torchvision RandAugment(num_ops, magnitude) (14 ops with identity, fill 0, nearest), drawn
+    independently per image, grouped by (op, sign) and applied with torchvision's own ops."""
+    ra = _torchvision_ra()
     names = list(ra._AUGMENTATION_SPACE)
     h, w = x.shape[-2:]
-    fill = ra._fill
     for _ in range(num_ops):
-        op = torch.randint(len(names), (len(x),), generator=gen, device=gen.device).cpu()
-        sign = (torch.rand(len(x), generator=gen, device=gen.device) <= 0.5).cpu()
+        op = torch.randint(len(names), (len(x),), generator=gen)
+        sign = torch.rand(len(x), generator=gen) <= 0.5
         out = x.clone()
         for k, name in enumerate(names):
             mags_fn, signed = ra._AUGMENTATION_SPACE[name]
             mags = mags_fn(bins, h, w)
             for neg in ((False, True) if signed else (False,)):
-                sel = ((op == k) & (sign == neg)) if signed else (op == k)
-                if not sel.any():
+                sel = (((op == k) & (sign == neg)) if signed else (op == k)).nonzero().flatten()
+                if len(sel) == 0:
                     continue
                 m = 0.0 if mags is None else float(mags[magnitude]) * (-1 if neg else 1)
-                idx = sel.nonzero().flatten().to(x.device)
-                out[idx] = ra._apply_image_or_video_transform(x[idx], name, m, ra.interpolation, fill)
+                idx = sel.to(x.device)
+                out[idx] = ra._apply_image_or_video_transform(x[idx], name, m, ra.interpolation, ra._fill)
         x = out
     return x
 
 
+def fill_colour(info):
+    """timm's img_mean hparam: the dataset mean colour in 0..255 (PaCo: round(255 * mean))."""
+    return tuple(min(255, round(255 * m)) for m in info.mean)
+
+
+_NORM = {}
+
+
 def to_float(x, mean, std):
     """uint8 -> normalised float, the same operations as ToTensor() + Normalize()."""
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    key = (x.device, tuple(mean), tuple(std))
+    if key not in _NORM:         # built once per device: no per-step host-to-device copies
+        _NORM[key] = (torch.tensor(mean, device=x.device).view(1, -1, 1, 1),
+                      torch.tensor(std, device=x.device).view(1, -1, 1, 1))
+    m, s = _NORM[key]
     return x.float().div(255).sub(m).div(s)
 
 
-def augment_view(x, gen, info, randaug=True, pad=4):
+def augment_view(x, gen, info, randaug="timm", pad=4):
+    """One training view: random crop (pad 4) + flip, then RandAugment (timm | torchvision | none)."""
     x = random_crop_flip(x, pad, gen)
-    if randaug:
-        x = rand_augment(x, gen)
+    if randaug == "timm":
+        x = rand_augment(x, gen, fill=fill_colour(info))
+    elif randaug == "torchvision":
+        x = rand_augment_torchvision(x, gen)
     return to_float(x, info.mean, info.std)
 
 
@@ -255,9 +511,10 @@ def epoch_batches(n, batch_size, seed, epoch, drop_last=True):
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, randaug=True):
-    """Yield (views, labels) batches of a device-resident uint8 training set."""
-    gen = torch.Generator(device=x.device).manual_seed(seed * 100003 + epoch + 7)
+def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, randaug="timm"):
+    """Yield (views, labels) batches of a device-resident uint8 training set. Random decisions
+    come from a CPU generator seeded by (seed, epoch): the same on every device, and on resume."""
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch + 7)
     for idx in epoch_batches(len(x), batch_size, seed, epoch):
         idx = idx.to(x.device)
         xb = x[idx]
@@ -267,17 +524,39 @@ def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, ra
             out = [to_float(xb, info.mean, info.std)] * views
         yield out, y[idx]
 
+
 # ----------------------------------------------------------------------------------------------
 # PIL path: per-image torchvision transforms in DataLoader workers
+
+class TimmRandAugment:
+    """The tensor path's timm RandAugment on one PIL image (same ops, same semantics); random
+    draws from torch's generator, which the DataLoader seeds per worker."""
+
+    def __init__(self, fill):
+        self.fill = fill
+
+    def __call__(self, img):
+        import numpy as np
+        from PIL import Image
+        a = np.asarray(img)
+        x = torch.from_numpy(a.copy()).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)[None]
+        out = rand_augment(x, None, fill=self.fill)[0].permute(1, 2, 0).numpy()
+        return Image.fromarray(out[:, :, 0] if out.shape[2] == 1 else out)
+
+
+def pil_randaugment(info, randaug):
+    from torchvision import transforms as T
+    return {"timm": [TimmRandAugment(fill_colour(info))], "torchvision": [T.RandAugment()], "none": []}[randaug]
+
 
 class PILViews(torch.utils.data.Dataset):
     """Returns (view_1, ..., view_k, label) of a uint8 tensor dataset through PIL transforms."""
 
-    def __init__(self, x, y, info, views=2, augment=True, randaug=True):
+    def __init__(self, x, y, info, views=2, augment=True, randaug="timm"):
         from torchvision import transforms as T
         self.x, self.y, self.views = x, y, views
         steps = [T.RandomCrop(info.size, padding=4), T.RandomHorizontalFlip()] if augment else []
-        steps += [T.RandAugment()] if augment and randaug else []
+        steps += pil_randaugment(info, randaug) if augment else []
         self.tf = T.Compose(steps + [T.ToTensor(), T.Normalize(info.mean, info.std)])
 
     def __len__(self):
@@ -329,12 +608,15 @@ class ListDataset(torch.utils.data.Dataset):
         return (*[self.tf(img) for _ in range(self.views)], label)
 
 
-def folder_transforms(info, train, size=None):
+def folder_transforms(info, train, size=None, randaug="timm"):
+    """ImageNet-LT / iNat views as PaCo/BCL (paco_lt.py): RandomResizedCrop(0.08-1), flip,
+    ColorJitter(0.4, 0.4, 0.4, 0), then RandAugment; test: Resize(size * 256/224) + CenterCrop."""
     from torchvision import transforms as T
     size = size or info.size
     norm = [T.ToTensor(), T.Normalize(info.mean, info.std)]
     if train:
-        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.RandAugment()] + norm)
+        return T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+                          T.ColorJitter(0.4, 0.4, 0.4, 0.0)] + pil_randaugment(info, randaug) + norm)
     return T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size)] + norm)
 
 
@@ -348,7 +630,8 @@ def _read_list(root, list_file):
     return samples
 
 
-def folder_samples(dataset, root, train, imb=1, imb_type="pareto", train_list=None, test_list=None):
+def folder_samples(dataset, root, train, imb=1, imb_type="pareto", train_list=None, test_list=None,
+                   lt_subset="ldam"):
     """(samples, num_classes) of an ImageFolder-style root, from a split list file if given,
     else root/train (long-tailed by a Pareto split over sorted class folders) or root/val."""
     list_file = train_list if train else test_list
@@ -370,7 +653,7 @@ def folder_samples(dataset, root, train, imb=1, imb_type="pareto", train_list=No
     n_max = max(torch.bincount(torch.tensor(ds.targets)).tolist())
     n_min = max(1, int(round(n_max / imb))) if imb > 1 else FOLDER_MIN.get(dataset, 1)
     counts = pareto_counts(C, n_max, min(n_min, n_max)) if imb_type == "pareto" else exp_counts(n_max, C, imb)
-    keep = long_tail_indices(ds.targets, counts).tolist()
+    keep = long_tail_indices(ds.targets, counts, lt_subset).tolist()
     return [ds.samples[i] for i in keep], C
 
 # ----------------------------------------------------------------------------------------------

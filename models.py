@@ -1,14 +1,16 @@
 """Backbones and heads for the AllNC reproduction.
 
-CIFAR ResNets (He et al. 2016, option-A shortcut, as in LDAM-DRW and akamaster/pytorch_resnet_cifar10):
+CIFAR ResNets (He et al. 2016, option-A shortcut, as in LDAM-DRW, akamaster/pytorch_resnet_cifar10
+and GLMC's ResNet_cifar.py), stages of width / 2 width / 4 width channels, feature 4 width:
 
-    depth | blocks per stage | params (CIFAR-10 head)
-    ------+------------------+-----------------------
-       8  |        1         |  0.08M
-      20  |        3         |  0.27M
-      32  |        5         |  0.46M
-      44  |        7         |  0.66M
-      56  |        9         |  0.85M
+    depth | blocks/stage | width 16 (LDAM/BCL)  | width 64 (GLMC's "resnet32", nf=64)
+    ------+--------------+----------------------+------------------------------------
+       8  |      1       |  0.08M               |  1.2M
+      20  |      3       |  0.27M               |  4.3M
+      32  |      5       |  0.46M               |  7.4M
+      44  |      7       |  0.66M               | 10.5M
+      56  |      9       |  0.85M               | 13.6M
+    (parameters with a 10-class linear classifier)
 
 ImageNet-LT / iNaturalist 2018: torchvision ResNeXt-50-32x4d / ResNet-50 without their fc (2048-d).
 `python models.py` prints and checks the parameter counts.
@@ -30,7 +32,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.pad = cout // 4 if (stride != 1 or cin != cout) else 0
+        self.pad = (cout - cin) // 2 if (stride != 1 or cin != cout) else 0
 
     def shortcut(self, x):
         # Option A: subsample and zero-pad channels; no parameters.
@@ -44,22 +46,22 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """The encoder phi: image -> 64-d feature (global average pool after three stages)."""
+    """The encoder phi: image -> 4*width-d feature (global average pool after three stages)."""
 
-    def __init__(self, depth=32, in_channels=3):
+    def __init__(self, depth=32, in_channels=3, width=16):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 20, 32, ...), got {depth}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        layers, cin = [], 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, cin = [], width
+        for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
             for i in range(n):
                 layers.append(BasicBlock(cin, cout, stride if i == 0 else 1))
                 cin = cout
         self.layers = nn.Sequential(*layers)
-        self.out_dim = 64
+        self.out_dim = 4 * width
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
@@ -78,9 +80,9 @@ def torchvision_encoder(name):
     return net
 
 
-def encoder_for(arch, depth=32, in_channels=3):
+def encoder_for(arch, depth=32, in_channels=3, width=16):
     if arch == "resnet_cifar":
-        return ResNetCifar(depth, in_channels)
+        return ResNetCifar(depth, in_channels, width)
     return torchvision_encoder(arch)
 
 # ----------------------------------------------------------------------------------------------
@@ -101,14 +103,20 @@ def simplex_etf(d, C, generator=None):
 
 
 class LinearHead(nn.Module):
-    """Learnable linear classifier f (CE, AllNC)."""
+    """Learnable linear classifier f (CE, AllNC). heads=2 adds GLMC's conventional head `fc_ce`
+    (trained by CE); `fc` is then GLMC's rebalanced head fc_cb, which predicts and is measured."""
 
-    def __init__(self, d, C):
+    def __init__(self, d, C, heads=1):
         super().__init__()
         self.fc = nn.Linear(d, C)
+        self.fc_ce = nn.Linear(d, C) if heads == 2 else None
 
     def forward(self, feat):
         return self.fc(feat), feat
+
+    def ce_logits(self, feat):
+        """Logits the CE term of Eq. 12 sees: the conventional head if there is one, else f."""
+        return self.fc_ce(feat) if self.fc_ce is not None else self.fc(feat)
 
     def classifier_weight(self):
         return self.fc.weight
@@ -209,18 +217,25 @@ class MultiCenterHead(nn.Module):
 
 
 class Net(nn.Module):
-    """Encoder phi, classifier head f, and (AllNC only) projection proj1 and predictor proj2."""
+    """Encoder phi, classifier head f, and (AllNC only) projection proj1 and predictor proj2.
 
-    def __init__(self, encoder, head, proj_dim=0, pred_hidden=0):
+    proj 'linear': GLMC's projection_head Linear(d, 128) and contrast_head Linear(128, 128);
+    proj 'mlp': SimSiam-style Linear-BN-ReLU-Linear (d -> 4d -> 128 and 128 -> 64 -> 128).
+    The head always runs in float32 (autocast off): logits and the features it sees are exact."""
+
+    def __init__(self, encoder, head, proj_dim=0, pred_hidden=0, proj="linear"):
         super().__init__()
         self.encoder, self.head = encoder, head
         d = encoder.out_dim
-        self.proj1 = mlp(d, 4 * d, proj_dim) if proj_dim else None
-        self.proj2 = mlp(proj_dim, pred_hidden, proj_dim) if proj_dim else None
+        self.proj1 = self.proj2 = None
+        if proj_dim:
+            self.proj1 = nn.Linear(d, proj_dim) if proj == "linear" else mlp(d, 4 * d, proj_dim)
+            self.proj2 = nn.Linear(proj_dim, proj_dim) if proj == "linear" else mlp(proj_dim, pred_hidden, proj_dim)
 
     def forward(self, x):
-        feat = self.encoder(x)
-        logits, h = self.head(feat)
+        feat = self.encoder(x).float()
+        with torch.autocast(feat.device.type, enabled=False):
+            logits, h = self.head(feat)
         return feat, logits, h
 
 
@@ -230,8 +245,12 @@ def count_params(m):
 
 if __name__ == "__main__":
     ok = True
-    for depth, want in ((8, 0.08), (20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85)):
-        n = count_params(ResNetCifar(depth)) + 64 * 10 + 10
-        ok &= abs(n / 1e6 - want) < 0.006
-        print(f"resnet{depth:<3d} {n / 1e6:.3f}M (expected ~{want}M)")
+    print(f"{'network':<24} {'params (10 classes)':>20} {'expected':>9}")
+    for width, table in ((16, ((8, 0.08), (20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85))),
+                         (64, ((32, 7.4),))):
+        for depth, want in table:
+            d = 4 * width
+            n = count_params(ResNetCifar(depth, 3, width)) + d * 10 + 10
+            ok &= abs(n / 1e6 - want) < max(0.006, 0.01 * want)
+            print(f"resnet{depth}, width {width:<3d}     {n / 1e6:17.3f}M {want:>8}M")
     sys.exit(0 if ok else 1)

@@ -16,6 +16,8 @@
 #   IMAGENET_LT_TRAIN_LIST=, IMAGENET_LT_TEST_LIST=   the standard split files, if you have them
 #   INAT2018_ROOT=         ImageFolder root of iNaturalist 2018 -> Table IV
 #   INAT2018_TRAIN_LIST=, INAT2018_TEST_LIST=
+#   WIDTH=                 CIFAR ResNet base width for every run (default: allnc.py's, 64 on CIFAR as
+#                          GLMC's ResNet-32; WIDTH=16 runs every table on the thin 0.46M network)
 #   EXTRA=""               flags added to every run (e.g. "--compile")
 #   PYTHON=python
 # A finished configuration (its result JSON exists and is complete) is skipped; an interrupted
@@ -28,13 +30,14 @@ SEEDS=${SEEDS:-0}
 RESULTS=${RESULTS:-results}
 SCALE=${SCALE:-full}
 EXTRA=${EXTRA:-}
+WIDTH=${WIDTH:-}
 ONLY=""
 LIST=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --list) LIST=1 ;;
     --only) shift; ONLY=${1:-}; [ -n "$ONLY" ] || { echo "error: --only needs a table: II III IV V VI VII 8" >&2; exit 2; } ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1; use --list, --only TABLE or --help" >&2; exit 2 ;;
   esac
   shift
@@ -95,11 +98,13 @@ selected() {
 if [ "$SCALE" = smoke ]; then
   # 2 epochs so that eta (and so gamma) matters; one thread per run, two runs at a time
   SCALE_ARGS="--smoke --epochs 2 --depth 8 --device cpu --nc-every 0 --wb-stage2-epochs 1 --workers 0"
+  WIDTH=${WIDTH:-16}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   JOBS=${JOBS:-2}
 else
   SCALE_ARGS=""
 fi
+[ -z "$WIDTH" ] || SCALE_ARGS="${SCALE_ARGS:+$SCALE_ARGS }--width $WIDTH"
 
 if [ "$LIST" = 1 ]; then
   selected | while IFS=$'\t' read -r table args; do
