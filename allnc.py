@@ -52,7 +52,7 @@ class Config:
     lr: float = opt(None, "peak learning rate (paper: 0.01 CIFAR, 0.1 ImageNet-LT/iNat)")
     wd: float = opt(None, "weight decay (paper: 5e-3 CIFAR, 2e-4 ImageNet-LT/iNat)")
     momentum: float = opt(0.9, "SGD momentum")
-    warmup: int = opt(None, "linear warm-up epochs before the per-epoch cosine decay (at most a tenth of the "
+    warmup: int = opt(None, "linear warm-up epochs before the per-epoch cosine decay (at most a fifth of the "
                       "run); default 0 on CIFAR-scale sets (GLMC: CosineAnnealingLR), 10 on ImageNet-LT/iNat (PaCo)")
     # model
     arch: str = opt(None, "resnet_cifar | resnext50 | resnet50 (default by dataset)")
@@ -128,7 +128,7 @@ class Config:
 WIDTH_DEFAULT = {"cifar10": 64, "cifar100": 64}      # GLMC's ResNet-32 (nf=64); fmnist/synthetic: 16
 
 # Fields that do not change what a run computes; left out of the run name's hash.
-NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "eval_every", "nc_every",
+NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "nc_every",
                 "data_root", "download", "train_list", "test_list"}
 
 
@@ -247,12 +247,13 @@ def cb_loss(logits, y, counts, beta=0.9999):
     """Class-balanced loss of weight balancing's stage 2 (class_balanced_loss.py, 'softmax'):
     w_c = (1 - beta)/(1 - beta^N_c) normalised to sum C; mean over samples and classes of
     w_{y_i} BCE(softmax(logits)_ic, onehot_ic)."""
-    n = torch.as_tensor(counts, dtype=torch.float64, device=logits.device)
-    w = (1 - beta) / (1 - beta ** n)
-    w = (w / w.sum() * len(n)).float()
-    p = logits.float().softmax(1)
-    onehot = F.one_hot(y, len(n)).float()
-    return F.binary_cross_entropy(p, onehot, weight=w[y][:, None].expand_as(p))
+    with torch.autocast(logits.device.type, enabled=False):      # CUDA autocast refuses BCE
+        n = torch.as_tensor(counts, dtype=torch.float64, device=logits.device)
+        w = (1 - beta) / (1 - beta ** n)
+        w = (w / w.sum() * len(n)).float()
+        p = logits.float().softmax(1)
+        onehot = F.one_hot(y, len(n)).float()
+        return F.binary_cross_entropy(p, onehot, weight=w[y][:, None].expand_as(p))
 
 
 def etf_dr_loss(h, M, y, balance=False):
@@ -605,6 +606,12 @@ def lr_at(epoch, epochs, warmup, base):
     return base * 0.5 * (1 + math.cos(math.pi * (epoch - warmup + 1) / (epochs - warmup + 1)))
 
 
+def warmup_epochs(cfg):
+    """--warmup, cut to a fifth of the run for short runs (10 warm-up epochs of a 90-epoch
+    ImageNet-LT run stay 10; a 10-epoch test run warms up for 2)."""
+    return min(cfg.warmup, cfg.epochs // 5)
+
+
 def maxnorm_cap(W, thresh, mode="relative"):
     """MaxNorm's cap on classifier row norms. relative (weight balancing's regularizers.py):
     min + thresh (max - min) of the current row norms, fixed for the stage; absolute: thresh."""
@@ -639,7 +646,7 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
     views = 1 if stage2 else VIEWS[cfg.method]
     step_fn = step_stage2 if stage2 else STEPS[cfg.method]
     base_lr = cfg.wb_stage2_lr if stage2 else cfg.lr
-    warm = 0 if stage2 else min(cfg.warmup, cfg.epochs // 10)
+    warm = 0 if stage2 else warmup_epochs(cfg)
     lr = lr_at(stage_epoch - 1, stage_epochs, warm, base_lr)
     for g in opt.param_groups:
         g["lr"] = lr
@@ -889,6 +896,28 @@ def protocol_line(cfg):
             f"LT subset {cfg.get('lt_subset', 'first')}, warm-up {cfg['warmup']}")
 
 
+def protocol_key(cfg):
+    """Everything besides method, data and the ablations that changes what a run computes."""
+    fields = ("proj", "maxnorm", "maxnorm_mode", "maxnorm_every", "maxnorm_stage1", "grw_reduction", "mean_momentum")
+    extra = " ".join(f"{k}={cfg[k]}" for k in fields if k in cfg and cfg[k] != Config.__dataclass_fields__[k].default)
+    return (protocol_line(cfg), cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["wd"], extra)
+
+
+def upgrade_result(r):
+    """Read results written before the protocol change (version 1) as today's: shot groups
+    recomputed from the per-class accuracies (Few was < 20 then), randaug named."""
+    c = r["config"]
+    if isinstance(c.get("randaug"), bool):
+        c["randaug"] = "torchvision" if c["randaug"] else "none"
+    c.setdefault("lt_subset", "first")
+    c.setdefault("width", 16)
+    if r.get("version", 1) < 2:
+        acc = torch.tensor(r["final"]["per_class"], dtype=torch.float64)
+        for g, m in shot_groups(r["counts"]).items():
+            r["final"][g] = acc[m].mean().item() if m.any() else None
+    return r
+
+
 def run_table(res):
     """The table printed at the end of a run: accuracy (final and best epoch), NC metrics, config."""
     cfg, fin, best = res["config"], res["final"], res.get("best") or {}
@@ -917,7 +946,7 @@ def collect(results_dir):
     for fn in sorted(os.listdir(results_dir)):
         if fn.endswith(".json"):
             r = load_result(os.path.join(results_dir, fn))
-            (runs if r else bad).append(r or fn)
+            (runs if r else bad).append(upgrade_result(r) if r else fn)
     return runs, bad
 
 
@@ -959,10 +988,22 @@ def print_tables(results_dir):
           f"{', '.join(bad)}" if bad else "") + ". ours = mean±std over seeds; paper = the paper's printed value.")
     if smoke:
         print("SMOKE results: generated stand-in data, tiny budgets; the numbers only show the pipeline works.")
-    for line in sorted({protocol_line(r["config"]) for r in runs}):
-        print(f"protocol: {line}")
     print("ours = final epoch (headline); best = the best test epoch, what GLMC, BCL, PaCo, ETF and RBL report. "
           "Few = <= 20 training images (the paper's text).")
+    groups = {}
+    for r in runs:                 # runs of different protocols are never averaged together
+        groups.setdefault(protocol_key(r["config"]), []).append(r)
+    for key in sorted(groups) or [None]:
+        rs = groups.get(key, [])
+        print(f"\n==== protocol: {protocol_line(rs[0]['config']) if rs else '(no runs)'}"
+              + (f" [{key[-1]}]" if key and key[-1] else ""))
+        paper_tables(rs)
+    if runs:
+        print_all_runs(runs)
+
+
+def paper_tables(runs, W=13):
+    """Tables II-VII and Fig. 8 from the runs of one protocol."""
     base = lambda r: plain_allnc(r["config"]) and r["config"]["alpha"] == 1.0
 
     # Table II
@@ -1022,8 +1063,6 @@ def print_tables(results_dir):
     rows = [r for r in pick(runs, dataset="cifar100", imb=100.0, method="allnc", gamma=3.0) if plain_allnc(r["config"])]
     alphas = sorted({r["config"]["alpha"] for r in rows})
     shot_table([(f"alpha {a:g}", mean_group([r for r in rows if r["config"]["alpha"] == a]), None) for a in alphas])
-    if runs:
-        print_all_runs(runs)
 
 
 def variant(c):
@@ -1196,7 +1235,8 @@ def benchmark(cfg, steps=20, warm=5):
     a2 = timed(bare, iter(lambda: x_real, None))
     peak = (f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA)" if device.type == "cuda" else
             f"{__import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS)")
-    print(f"benchmark: {cfg.dataset} (imb {cfg.imb:g}), {cfg.arch}-{cfg.depth}, batch {cfg.batch_size} x "
+    print(f"benchmark: {cfg.dataset} (imb {cfg.imb:g}), {cfg.arch}-{cfg.depth} width {cfg.width}, "
+          f"RandAugment {cfg.randaug}, batch {cfg.batch_size} x "
           f"{VIEWS[cfg.method]} views, device {device}, amp {st.dtype or 'off'}, {steps} timed steps"
           f"{', compiled' if cfg.compile else ''}, {torch.get_num_threads()} threads, workers {cfg.workers}")
     print(f"| {'measurement':<40} | {'images/s':>10} |")

@@ -827,3 +827,37 @@ def test_logits_and_gram_are_float32_under_bf16_autocast():
     assert logits.dtype == torch.float32 and h.dtype == torch.float32
     assert torch.allclose(logits, model.head.fc(feat), atol=1e-6)
     assert g_auto.item() == pytest.approx(allnc.p2p_loss(v).item(), rel=1e-6)
+
+
+def test_stage2_loss_runs_outside_autocast(monkeypatch):
+    seen = []
+    real = F.binary_cross_entropy
+    monkeypatch.setattr(F, "binary_cross_entropy",
+                        lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or real(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        allnc.cb_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), [10, 5, 1])
+    assert seen == [False]                   # CUDA's autocast refuses binary_cross_entropy
+
+
+def test_warmup_defaults_and_short_run_cap():
+    big = allnc.resolve(allnc.Config(dataset="imagenet_lt", imb_type="pareto"))
+    assert (big.warmup, big.epochs, allnc.warmup_epochs(big)) == (10, 90, 10)
+    assert allnc.warmup_epochs(allnc.resolve(allnc.Config(dataset="imagenet_lt", epochs=10))) == 2
+
+
+def test_tables_keep_protocols_apart_and_read_old_results(tmp_path, capsys):
+    r16 = allnc.run(tiny_cfg(tmp_path, epochs=1, nc_every=0, dataset="synthetic"), quiet=True)
+    old = json.loads(json.dumps(r16))
+    old["version"], old["name"] = 1, "old"
+    old["config"] |= {"randaug": True, "width": 64}
+    for k in ("lt_subset",):
+        old["config"].pop(k)
+    old["final"]["few"] = -1.0                                # v1 stored Few < 20: recomputed from per_class
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    runs, bad = allnc.collect(str(tmp_path))
+    assert bad == [] and len(runs) == 2
+    up = [r for r in runs if r["name"] == "old"][0]
+    assert up["config"]["randaug"] == "torchvision" and up["final"]["few"] != -1.0
+    allnc.print_tables(str(tmp_path))
+    out = capsys.readouterr().out
+    assert out.count("==== protocol:") == 2 and "width 64" in out and "width 16" in out
