@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -52,6 +53,14 @@ class Config:
     lr: float = opt(None, "peak learning rate (paper: 0.01 CIFAR, 0.1 ImageNet-LT/iNat)")
     wd: float = opt(None, "weight decay (paper: 5e-3 CIFAR, 2e-4 ImageNet-LT/iNat)")
     momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(False, "Nesterov momentum (RBL's recipe)")
+    lr_schedule: str = opt("cosine", "per-epoch lr after the warm-up: cosine (GLMC/PaCo) | cosine-rbl (RBL's "
+                           "denominator) | step (LDAM-DRW / ETF milestones)", choices=("cosine", "cosine-rbl", "step"))
+    lr_steps: str = opt("160,180", "step schedule: 0-based epochs from which the lr is multiplied by --lr-step-factor")
+    lr_step_factor: float = opt(0.1, "step schedule: factor per milestone (ETF 0.1, LDAM-DRW 0.01)")
+    warmup_start: float = opt(0.0, "warm-up starts at this fraction of the lr (RBL: 0.5)")
+    recipe: str = opt("allnc", "allnc: every method with AllNC's recipe (the controlled comparison); own: the "
+                      "method's published recipe (RECIPES, README)", choices=("allnc", "own"))
     warmup: int = opt(None, "linear warm-up epochs before the per-epoch cosine decay (at most a fifth of the "
                       "run); default 0 on CIFAR-scale sets (GLMC: CosineAnnealingLR), 10 on ImageNet-LT/iNat (PaCo)")
     # model
@@ -92,17 +101,21 @@ class Config:
     wb_stage2_wd: float = opt(0.1, "allnc++: stage-2 weight decay")
     wb_cb_beta: float = opt(0.9999, "allnc++: stage-2 class-balanced loss beta (effective number of samples)")
     # baselines
-    etf_balance: bool = opt(False, "etf: multiply each sample by the batch class-balance factor (public code)")
+    etf_balance: bool = opt(True, "etf: the per-batch Ew class-balance factor of the public code (GivenEw)")
+    mixup: float = opt(0.0, "input mixup Beta(a, a) for ce/etf/rbl/ncmc (0 = off; ETF's recipe: 1.0)")
     rbl_tau: float = opt(1.0, "rbl: post-hoc logit adjustment strength tau")
     ncmc_f: int = opt(20, "ncmc: centers per class (the most a class gets with --ncmc-centers aware)")
     ncmc_theta: float = opt(0.2, "ncmc: angle theta between centers and the class direction")
-    ncmc_centers: str = opt("aware", "ncmc: aware (minority classes get more centers) or fixed",
+    ncmc_centers: str = opt("aware", "ncmc: aware (calc_cls_idx 'ca': minority classes get more centers) or "
+                            "fixed ('ave': f - 1 each)",
                             choices=("aware", "fixed"))
     # data and augmentation
     data_root: str = opt("./data", "where datasets live (CIFAR is downloaded there if missing)")
     download: bool = opt(True, "download CIFAR / Fashion-MNIST if missing (--no-download to forbid)")
     randaug: str = opt("timm", "RandAugment after crop + flip: timm (rand-n2-m10-mstd0.5, the file PaCo ships) | "
                        "torchvision (RandAugment(2, 9)) | none", choices=("timm", "torchvision", "none"))
+    autoaugment: bool = opt(False, "AutoAugment, torchvision's CIFAR10 policy, after crop + flip (RBL's recipe)")
+    cutout: int = opt(0, "Cutout: one square hole of this side in pixels, 0 = off (RBL's recipe: 16)")
     lt_subset: str = opt("ldam", "which images form the LT subset: ldam (numpy seed 0, per-class shuffle: LDAM-DRW, "
                          "BCL, PaCo) | first (file order: weight balancing)", choices=("ldam", "first"))
     augment: bool = opt(True, "any augmentation at all (--no-augment: for checks only)")
@@ -124,6 +137,40 @@ class Config:
     force: bool = opt(False, "re-run even if a finished result exists")
 
 
+# --recipe own: each method's published recipe as Config overrides (README: "Baselines").
+# A value may be a dict by dataset ("*" for the rest). Flags the user gives explicitly win.
+_ETF_RECIPE = dict(batch_size=128, lr=0.1, wd=2e-4, epochs=200, warmup=5, lr_schedule="step", lr_steps="160,180",
+                   lr_step_factor=0.1, mixup=1.0, randaug="none", width={"cifar100": 32, "*": 16})
+RECIPES = {
+    # LDAM-DRW cifar_train.py, its CE baseline: lr x0.01 after epoch 160, x0.0001 after 180
+    "ce": dict(batch_size=128, lr=0.1, wd=2e-4, epochs=200, warmup=5, lr_schedule="step", lr_steps="160,180",
+               lr_step_factor=0.01, randaug="none", width=16),
+    # ImbalancedLearning config/cifar*/..._ETF_DR.yaml, train.py
+    "etf": _ETF_RECIPE,
+    # rbl run/configs/cifar*_pl_posthoc.json, run/utils.py
+    "rbl": dict(batch_size=256, lr=0.1, wd=5e-4, epochs=600, warmup=8, warmup_start=0.5, lr_schedule="cosine-rbl",
+                nesterov=True, randaug="none", autoaugment=True, cutout=16, width=16),
+    # NCMC's file publishes no recipe; it is built on the ETF code base, whose recipe we use
+    "ncmc": _ETF_RECIPE,
+}
+
+
+def apply_recipe(cfg, explicit=()):
+    """--recipe own: the method's RECIPES overrides, except fields the user set explicitly."""
+    if cfg.recipe != "own":
+        return cfg
+    if cfg.method not in RECIPES:
+        raise DataError(f"--recipe own: {cfg.method} has no published recipe besides AllNC's; use --recipe allnc")
+    for k, v in RECIPES[cfg.method].items():
+        if k not in explicit:
+            setattr(cfg, k, v.get(cfg.dataset, v.get("*")) if isinstance(v, dict) else v)
+    return cfg
+
+
+def feature_dim(cfg):
+    return 4 * cfg.width if cfg.arch == "resnet_cifar" else 2048
+
+
 # Protocol defaults by dataset (README: "Which ResNet-32, which RandAugment?").
 WIDTH_DEFAULT = {"cifar10": 64, "cifar100": 64}      # GLMC's ResNet-32 (nf=64); fmnist/synthetic: 16
 
@@ -132,8 +179,10 @@ NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "
                 "data_root", "download", "train_list", "test_list"}
 
 
-def resolve(cfg):
-    """Fill dataset-dependent defaults (paper V-B) and validate; raises DataError on bad input."""
+def resolve(cfg, explicit=()):
+    """Apply --recipe, fill dataset-dependent defaults (paper V-B) and validate; raises DataError
+    on bad input. explicit: the fields the user set on the command line (they beat a recipe)."""
+    apply_recipe(cfg, explicit)
     if cfg.imb < 1:
         raise DataError(f"--imb {cfg.imb:g} is below 1; the imbalance factor is N_max/N_min, use 1 for balanced data")
     info = data_lt.DATASETS[cfg.dataset]
@@ -158,6 +207,19 @@ def resolve(cfg):
         raise DataError("--gamma and --lr must be > 0; --alpha, --warmup and --wb-stage2-epochs must be >= 0")
     if cfg.arch not in ("resnet_cifar", "resnext50", "resnet50"):
         raise DataError(f"--arch {cfg.arch!r} unknown; use resnet_cifar, resnext50 or resnet50")
+    C = info.num_classes
+    if cfg.method == "etf" and feature_dim(cfg) < C - 1:
+        raise DataError(f"etf on {cfg.dataset} needs a feature dimension >= {C - 1} for {C} ETF vertices; "
+                        f"--width {cfg.width} gives {feature_dim(cfg)}: use --width {math.ceil((C - 1) / 4)} or more "
+                        f"(the ETF code's CIFAR-100 ResNet-32 has width 32)")
+    if cfg.mixup < 0 or (cfg.mixup > 0 and cfg.method.startswith("allnc")):
+        raise DataError("--mixup is a Beta(a, a) parameter >= 0 for ce, etf, rbl and ncmc (AllNC uses two views)")
+    if cfg.cutout < 0:
+        raise DataError(f"--cutout {cfg.cutout}: the hole side in pixels must be >= 0")
+    try:
+        parse_steps(cfg.lr_steps)
+    except ValueError:
+        raise DataError(f"--lr-steps {cfg.lr_steps!r}: give comma-separated epochs, e.g. 160,180") from None
     if cfg.loader == "auto":
         cfg.loader = "pil" if big else "tensor"
     if big and cfg.loader == "tensor":
@@ -256,21 +318,30 @@ def cb_loss(logits, y, counts, beta=0.9999):
         return F.binary_cross_entropy(p, onehot, weight=w[y][:, None].expand_as(p))
 
 
-def etf_dr_loss(h, M, y, balance=False):
-    """Dot-regression loss of Yang et al.: 0.5 mean((<h, m_y> - 1)^2), unit h and unit m_y."""
+def etf_dr_loss(h, M, y, balance=True, y_count=None):
+    """Dot-regression loss of Yang et al. (reg_dot_loss): 0.5 mean((<h, Ew_y m_y> - Ew_y)^2) for unit h
+    and unit m_y, i.e. 0.5 mean(Ew_y^2 (<h, m_y> - 1)^2). produce_Ew: Ew_c = sqrt((B / classes in the
+    batch) / count_c), counted on y_count (the un-mixed labels; default y); balance=False: Ew = 1."""
     dot = (h.float() * M.t()[y]).sum(1)
     per = 0.5 * (dot - 1) ** 2
-    if balance:   # each class present in the batch weighs the same
-        cnt = torch.bincount(y, minlength=M.shape[1]).float()
-        per = per * len(y) / ((cnt > 0).sum() * cnt[y])
+    if balance:
+        yc = y if y_count is None else y_count
+        cnt = torch.zeros(M.shape[1], device=y.device).index_add_(0, yc, torch.ones_like(yc, dtype=torch.float))
+        per = per * len(yc) / ((cnt > 0).sum() * cnt[y].clamp(min=1))
     return per.mean()
 
 
-def ncmc_cos_loss(h, W, mask, y):
-    """NCMC cosine loss: mean over a sample's class centers of 1 - cos(h, W_yj) (h, W unit)."""
-    cos = torch.einsum("bd,bfd->bf", F.normalize(h.float(), dim=1), W[y])
-    m = mask[y].float()
-    return (((1 - cos) * m).sum(1) / m.sum(1)).mean()
+def ncmc_loss(x, V, mask, k, y, theta, reg=6e-4):
+    """NCMC's ClassAwareLoss: per sample, sum over its class's k_y centers of
+    g(k_y) (1 - <x/|x|, V_yj>)^2 with g(k) = sqrt(cos^2 theta + k sin^2 theta) / sqrt(k), plus
+    reg (|x| - 1)^2; mean over the batch. x: the BN output the classifier normalises."""
+    x = x.float()
+    norm = x.norm(dim=1).clamp(min=1e-8)
+    cos = torch.einsum("bd,bkd->bk", x / norm[:, None], V[y])
+    ky = k[y]
+    g = torch.sqrt(math.cos(theta) ** 2 + ky * math.sin(theta) ** 2) / torch.sqrt(ky)
+    per = g * (((1 - cos) ** 2) * mask[y]).sum(1) + reg * (norm - 1) ** 2
+    return per.mean()
 
 
 def batch_class_means(z, y, C):
@@ -325,26 +396,49 @@ def step_allnc(model, views, y, st):
     return total, terms
 
 
-def step_ce(model, views, y, st):
-    _, logits, _ = model(views[0])
-    ce = F.cross_entropy(logits.float(), y)
-    return ce, {"ce": ce}
+# Single-view baselines: a loss of (logits, h, labels); step_single adds input mixup around it.
+def loss_ce(logits, h, y, st, y_count=None):
+    return F.cross_entropy(logits.float(), y)
 
 
-def step_etf(model, views, y, st):
-    _, _, h = model(views[0])
-    dr = etf_dr_loss(h, model.head.M, y, st.cfg.etf_balance)
-    return dr, {"dr": dr}
+def loss_etf(logits, h, y, st, y_count=None):
+    """Dot regression; with --etf-balance the Ew factor comes from the batch's own (un-mixed) labels."""
+    return etf_dr_loss(h, st.model_head.M, y, st.cfg.etf_balance, y_count)
 
 
-def step_ncmc(model, views, y, st):
-    _, _, h = model(views[0])
-    loss = ncmc_cos_loss(h, model.head.W, model.head.mask, y)
-    return loss, {"cos": loss}
+def loss_ncmc(logits, h, y, st, y_count=None):
+    head = st.model_head
+    return ncmc_loss(h, head.V, head.mask, head.k, y, st.cfg.ncmc_theta)
 
 
-STEPS = {"allnc": step_allnc, "allnc++": step_allnc, "ce": step_ce, "etf": step_etf, "rbl": step_ce,
-         "ncmc": step_ncmc}
+BASELINE_LOSS = {"ce": (loss_ce, "ce"), "rbl": (loss_ce, "ce"), "etf": (loss_etf, "dr"), "ncmc": (loss_ncmc, "cal")}
+
+
+def mixup(x, y, alpha, rng):
+    """Input mixup (Zhang et al.; the ETF code's mixup_data): lam ~ Beta(alpha, alpha) and a random
+    pairing, drawn from the numpy RandomState rng (seeded per epoch: resume replays them)."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(y))).to(x.device)
+    return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+
+
+def step_single(model, views, y, st):
+    """CE / ETF / RBL / NCMC: one view; with --mixup, loss = lam L(y_a) + (1 - lam) L(y_b)."""
+    loss_fn, name = BASELINE_LOSS[st.cfg.method]
+    st.model_head = model.head
+    x = views[0]
+    if st.cfg.mixup > 0:
+        x, ya, yb, lam = mixup(x, y, st.cfg.mixup, st.mix_rng)
+        _, logits, h = model(x)
+        loss = lam * loss_fn(logits, h, ya, st, y) + (1 - lam) * loss_fn(logits, h, yb, st, y)
+    else:
+        _, logits, h = model(x)
+        loss = loss_fn(logits, h, y, st)
+    return loss, {name: loss}
+
+
+STEPS = {"allnc": step_allnc, "allnc++": step_allnc, "ce": step_single, "etf": step_single, "rbl": step_single,
+         "ncmc": step_single}
 VIEWS = {"allnc": 2, "allnc++": 2, "ce": 1, "etf": 1, "rbl": 1, "ncmc": 1}
 
 
@@ -373,7 +467,7 @@ def build_model(cfg, C, counts, in_channels):
             "rbl": lambda: models.RotatedETFHead(d, C, cfg.seed),
             "ncmc": lambda: models.MultiCenterHead(
                 d, C, models.ncmc_center_counts(counts, cfg.ncmc_f, cfg.ncmc_centers == "aware"),
-                cfg.ncmc_theta, cfg.seed)}[cfg.method]()
+                cfg.ncmc_f, cfg.ncmc_theta, cfg.seed)}[cfg.method]()
     allnc = cfg.method.startswith("allnc")
     model = models.Net(enc, head, cfg.proj_dim if allnc else 0, cfg.pred_hidden, cfg.proj)
     if allnc:
@@ -405,7 +499,8 @@ class Data:
         self.xtr, self.ytr = xtr.to(device), ytr.to(device)
         self.xte, self.yte = xte.to(device), yte.to(device)
         if cfg.loader == "pil":
-            self.pil = data_lt.PILViews(xtr, ytr, info, VIEWS[cfg.method], cfg.augment, cfg.randaug)
+            self.pil = data_lt.PILViews(xtr, ytr, info, VIEWS[cfg.method], cfg.augment, cfg.randaug,
+                                        cfg.autoaugment, cfg.cutout)
 
     def _init_folder(self, cfg):
         info = self.info
@@ -431,7 +526,7 @@ class Data:
         bs = bs or cfg.batch_size
         if cfg.loader == "tensor":
             return data_lt.tensor_loader(self.xtr, self.ytr, self.info, bs, cfg.seed, epoch, views,
-                                         cfg.augment, cfg.randaug)
+                                         cfg.augment, cfg.randaug, cfg.autoaugment, cfg.cutout)
         batches = data_lt.epoch_batches(self.n_train(), bs, cfg.seed, epoch)
         return data_lt.pil_loader(self.pil, batches, cfg.workers, cfg.seed, epoch, self.device)
 
@@ -565,7 +660,8 @@ def train_nc_metrics(model, data, st, icpa=False):
     model.eval()
     hs, ys = [], []
     for x, y in data.plain(train=True):
-        hs.append(model(x)[2].float())
+        h = model(x)[2].float()
+        hs.append(F.normalize(h, dim=1) if isinstance(model.head, models.MultiCenterHead) else h)   # what w sees
         ys.append(y)
     model.train()
     head = model.head
@@ -584,6 +680,7 @@ class TrainState:
         self.gram = etf_gram(data.C, device)
         self.eta = 1.0
         self.maxnorm_cap = None      # allnc++: MaxNorm's cap for the current stage (None: off)
+        self.mix_rng = np.random.RandomState(cfg.seed)    # mixup draws; re-seeded at every epoch
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
@@ -594,16 +691,26 @@ class TrainState:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def lr_at(epoch, epochs, warmup, base):
+def lr_at(epoch, epochs, base, warmup=0, schedule="cosine", steps=(), step_factor=0.1, warmup_start=0.0):
     """Learning rate of 0-based `epoch`, set once per epoch.
-    No warm-up: GLMC's CIFAR schedule, CosineAnnealingLR(T_max=epochs): base (1 + cos(pi e / E)) / 2.
-    Warm-up W: PaCo's adjust_learning_rate (GLMC's ImageNet-LT/iNat): base (e + 1) / W for e < W,
-    then base (1 + cos(pi (e - W + 1) / (E - W + 1))) / 2."""
+    warm-up (e < W): base (s + (1 - s)(e + 1) / W), s = warmup_start (0: LDAM/ETF/PaCo; 0.5: RBL).
+    cosine, no warm-up: GLMC's CIFAR CosineAnnealingLR(T_max=E): base (1 + cos(pi e / E)) / 2;
+    cosine after a warm-up: PaCo's adjust_learning_rate, base (1 + cos(pi (e - W + 1) / (E - W + 1))) / 2;
+    cosine-rbl: RBL's run/utils.py, the same with E - W in the denominator;
+    step: LDAM-DRW / ETF, base * step_factor^(number of milestones <= e)."""
     if epoch < warmup:
-        return base * (epoch + 1) / warmup
+        return base * (warmup_start + (1 - warmup_start) * (epoch + 1) / warmup)
+    if schedule == "step":
+        return base * step_factor ** sum(epoch >= s for s in steps)
     if warmup == 0:
         return base * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-    return base * 0.5 * (1 + math.cos(math.pi * (epoch - warmup + 1) / (epochs - warmup + 1)))
+    end = epochs - warmup + (1 if schedule == "cosine" else 0)
+    return base * 0.5 * (1 + math.cos(math.pi * (epoch - warmup + 1) / end))
+
+
+def parse_steps(text):
+    """'160,180' -> (160, 180): the 0-based epochs from which the step schedule decays."""
+    return tuple(int(s) for s in str(text).split(",") if s.strip())
 
 
 def warmup_epochs(cfg):
@@ -647,7 +754,9 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
     step_fn = step_stage2 if stage2 else STEPS[cfg.method]
     base_lr = cfg.wb_stage2_lr if stage2 else cfg.lr
     warm = 0 if stage2 else warmup_epochs(cfg)
-    lr = lr_at(stage_epoch - 1, stage_epochs, warm, base_lr)
+    lr = lr_at(stage_epoch - 1, stage_epochs, base_lr, warm, *(("cosine",) if stage2 else
+               (cfg.lr_schedule, parse_steps(cfg.lr_steps), cfg.lr_step_factor, cfg.warmup_start)))
+    st.mix_rng = np.random.RandomState((cfg.seed * 100003 + epoch) % 2**32)
     for g in opt.param_groups:
         g["lr"] = lr
     sums, first_bad, n, imgs = None, None, 0, 0
@@ -707,7 +816,7 @@ def make_optimizer(model, cfg, stage2=False):
         params, lr, wd = model.head.parameters(), cfg.wb_stage2_lr, cfg.wb_stage2_wd
     else:
         params, lr, wd = model.parameters(), cfg.lr, cfg.wd
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov and not stage2)
 
 # ==============================================================================================
 # Results on disk: atomic JSON and checkpoints, resume
@@ -893,7 +1002,7 @@ def protocol_line(cfg):
     """The protocol choices a table's numbers depend on, printed with every table."""
     net = (f"ResNet-{cfg['depth']} width {cfg.get('width', 16)}" if cfg["arch"] == "resnet_cifar" else cfg["arch"])
     return (f"{net}, heads {cfg.get('heads', 1)}, RandAugment {cfg.get('randaug', 'torchvision')}, "
-            f"LT subset {cfg.get('lt_subset', 'first')}, warm-up {cfg['warmup']}")
+            f"LT subset {cfg.get('lt_subset', 'first')}, warm-up {cfg['warmup']}, recipe {cfg.get('recipe', 'allnc')}")
 
 
 def protocol_key(cfg):
@@ -991,36 +1100,52 @@ def print_tables(results_dir):
     print("ours = final epoch (headline); best = the best test epoch, what GLMC, BCL, PaCo, ETF and RBL report. "
           "Few = <= 20 training images (the paper's text).")
     groups = {}
+    own = [r for r in runs if r["config"].get("recipe", "allnc") == "own"]
     for r in runs:                 # runs of different protocols are never averaged together
-        groups.setdefault(protocol_key(r["config"]), []).append(r)
+        if r["config"].get("recipe", "allnc") == "allnc":
+            groups.setdefault(protocol_key(r["config"]), []).append(r)
     for key in sorted(groups) or [None]:
         rs = groups.get(key, [])
         print(f"\n==== protocol: {protocol_line(rs[0]['config']) if rs else '(no runs)'}"
               + (f" [{key[-1]}]" if key and key[-1] else ""))
-        paper_tables(rs)
+        paper_tables(rs, own)
     if runs:
         print_all_runs(runs)
 
 
-def paper_tables(runs, W=13):
-    """Tables II-VII and Fig. 8 from the runs of one protocol."""
+def table2_rows(label, sel, pap, W):
+    """One method's rows of Table II: ours (final), best epoch, the paper, and the difference."""
+    ours = [mean_std(rs, "top1") for rs in sel]
+    bests = [mean_std(rs, "top1", "best") for rs in sel]
+    print(f"| {label:<16} | ours  | " + " | ".join(cell(o, W) for o in ours) + " |")
+    print(f"| {'':<16} | best  | " + " | ".join(cell(o, W) for o in bests) + " |")
+    print(f"| {'':<16} | paper | " + " | ".join(fnum(p, W) for p in pap) + " |")
+    print(f"| {'':<16} | diff  | " + " | ".join(fnum(o[0] - p if o and p else None, W) for o, p in zip(ours, pap)) + " |")
+
+
+def paper_tables(runs, own_runs=(), W=13):
+    """Tables II-VII and Fig. 8 from the runs of one protocol; Table II also shows the baselines
+    trained with their own recipes (own_runs), whatever protocol they were launched under."""
     base = lambda r: plain_allnc(r["config"]) and r["config"]["alpha"] == 1.0
 
     # Table II
     cols = [(d, i) for d in ("cifar10", "cifar100") for i in (200, 100, 50, 10)]
     print("\nTable II: top-1 (%) on CIFAR-10/100-LT (ResNet-32)")
-    print(f"| {'method':<8} |       | " + " | ".join(f"{('C10' if d == 'cifar10' else 'C100') + '-' + str(i):>{W}}"
+    print("baselines: (allnc) = AllNC's recipe, the controlled comparison; (own) = the method's published recipe,"
+          " which is what the paper's baseline numbers come from")
+    print(f"| {'method (recipe)':<16} |       | " + " | ".join(f"{('C10' if d == 'cifar10' else 'C100') + '-' + str(i):>{W}}"
                                                  for d, i in cols) + " |")
     for m in METHODS:
-        sel = [[r for r in pick(runs, dataset=d, imb=float(i), method=m, imb_type="exp") if base(r)
-                and (not m.startswith("allnc") or r["config"]["gamma"] == table2_gamma(d, i))] for d, i in cols]
-        ours = [mean_std(rs, "top1") for rs in sel]
         pap = [PAPER["II"].get(m, {}).get(c) for c in cols]
-        bests = [mean_std(rs, "top1", "best") for rs in sel]
-        print(f"| {m:<8} | ours  | " + " | ".join(cell(o, W) for o in ours) + " |")
-        print(f"| {'':<8} | best  | " + " | ".join(cell(o, W) for o in bests) + " |")
-        print(f"| {'':<8} | paper | " + " | ".join(fnum(p, W) for p in pap) + " |")
-        print(f"| {'':<8} | diff  | " + " | ".join(fnum(o[0] - p if o and p else None, W) for o, p in zip(ours, pap)) + " |")
+        for recipe in ("allnc", "own"):
+            pool = runs if recipe == "allnc" else own_runs
+            sel = [[r for r in pick(pool, dataset=d, imb=float(i), method=m, imb_type="exp") if base(r)
+                    and r["config"].get("recipe", "allnc") == recipe
+                    and (not m.startswith("allnc") or r["config"]["gamma"] == table2_gamma(d, i))] for d, i in cols]
+            if recipe == "own" and not any(sel):
+                continue
+            table2_rows(f"{m} ({recipe})", sel, pap, W)
+
 
     # Tables III and IV
     for tab, ds, title in (("III", "imagenet_lt", "ImageNet-LT (ResNeXt-50-32x4d)"), ("IV", "inat2018", "iNaturalist 2018 (ResNet-50)")):
@@ -1224,7 +1349,8 @@ def benchmark(cfg, steps=20, warm=5):
     def endless(loader_kind):
         cfg.loader, e = loader_kind, 0
         if loader_kind == "pil":
-            data.pil = data_lt.PILViews(data.xtr.cpu(), data.ytr.cpu(), info, VIEWS[cfg.method], True, cfg.randaug)
+            data.pil = data_lt.PILViews(data.xtr.cpu(), data.ytr.cpu(), info, VIEWS[cfg.method], True, cfg.randaug,
+                                        cfg.autoaugment, cfg.cutout)
         while True:
             e += 1
             yield from data.train_batches(e, VIEWS[cfg.method])
@@ -1276,6 +1402,9 @@ def parse_args(argv=None):
     p.add_argument("--benchmark-steps", type=int, default=20, help="timed steps per benchmark measurement")
     a = p.parse_args(argv)
     extra = {k: getattr(a, k) for k in ("tables", "plot", "benchmark", "benchmark_steps")}
+    names = {f.name for f in dataclasses.fields(Config)}
+    given = (t[2:].split("=")[0].replace("-", "_") for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--"))
+    extra["explicit"] = {g[3:] if g.startswith("no_") and g[3:] in names else g for g in given} & names
     cfg = Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)})
     return cfg, extra
 
@@ -1292,7 +1421,7 @@ def main(argv=None):
             for path in plot(extra["plot"], cfg.out):
                 print(f"wrote {path}")
             return 0
-        resolve(cfg)
+        resolve(cfg, extra["explicit"])
         if extra["benchmark"]:
             benchmark(cfg, extra["benchmark_steps"])
             return 0

@@ -475,6 +475,57 @@ def rand_augment_torchvision(x, gen=None, num_ops=2, magnitude=9, bins=31):
     return x
 
 
+_AA = None
+
+
+def _torchvision_aa():
+    global _AA
+    if _AA is None:
+        from torchvision.transforms import v2
+        _AA = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    return _AA
+
+
+def auto_augment(x, gen=None):
+    """torchvision's AutoAugment, CIFAR10 policy (25 sub-policies of two ops, each op applied with
+    its probability, signed ops with a random sign, fill 0), drawn independently per image and
+    applied group by group with torchvision's own ops."""
+    aa = _torchvision_aa()
+    n, (h, w) = len(x), x.shape[-2:]
+    pol = torch.randint(len(aa._policies), (n,), generator=gen)
+    u = torch.rand(n, 2, generator=gen)
+    neg = torch.randint(2, (n, 2), generator=gen) == 0
+    for slot in range(2):
+        out = x.clone()
+        for p, policy in enumerate(aa._policies):
+            name, prob, mag_id = policy[slot]
+            mags_fn, signed = aa._AUGMENTATION_SPACE[name]
+            for sign in ((False, True) if signed else (False,)):
+                sel = (pol == p) & (u[:, slot] <= prob) & ((neg[:, slot] == sign) if signed else True)
+                sel = sel.nonzero().flatten()
+                if len(sel) == 0:
+                    continue
+                mags = mags_fn(10, h, w)
+                m = float(mags[mag_id]) if mag_id is not None else 0.0
+                idx = sel.to(x.device)
+                out[idx] = aa._apply_image_or_video_transform(x[idx], name, -m if sign else m, aa.interpolation, aa._fill)
+        x = out
+    return x
+
+
+def cutout(x, length, gen=None):
+    """DeVries & Taylor's Cutout(n_holes=1, length): a length x length square centred at a uniform
+    pixel, clipped at the border, set to 0 before normalisation (as RBL: ToTensor, Cutout, Normalize)."""
+    n, _, h, w = x.shape
+    cy = torch.randint(h, (n,), generator=gen).to(x.device)
+    cx = torch.randint(w, (n,), generator=gen).to(x.device)
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    box = ((ys >= (cy - length // 2).clamp(min=0)[:, None, None]) & (ys < (cy + length // 2).clamp(max=h)[:, None, None])
+           & (xs >= (cx - length // 2).clamp(min=0)[:, None, None]) & (xs < (cx + length // 2).clamp(max=w)[:, None, None]))
+    return x.masked_fill(box[:, None], 0)
+
+
 def fill_colour(info):
     """timm's img_mean hparam: the dataset mean colour in 0..255 (PaCo: round(255 * mean))."""
     return tuple(min(255, round(255 * m)) for m in info.mean)
@@ -493,13 +544,18 @@ def to_float(x, mean, std):
     return x.float().div(255).sub(m).div(s)
 
 
-def augment_view(x, gen, info, randaug="timm", pad=4):
-    """One training view: random crop (pad 4) + flip, then RandAugment (timm | torchvision | none)."""
+def augment_view(x, gen, info, randaug="timm", pad=4, autoaugment=False, cutout_px=0):
+    """One training view: random crop (pad 4) + flip, [AutoAugment], RandAugment (timm | torchvision
+    | none), [Cutout], then normalisation."""
     x = random_crop_flip(x, pad, gen)
+    if autoaugment:
+        x = auto_augment(x, gen)
     if randaug == "timm":
         x = rand_augment(x, gen, fill=fill_colour(info))
     elif randaug == "torchvision":
         x = rand_augment_torchvision(x, gen)
+    if cutout_px:
+        x = cutout(x, cutout_px, gen)
     return to_float(x, info.mean, info.std)
 
 
@@ -511,7 +567,8 @@ def epoch_batches(n, batch_size, seed, epoch, drop_last=True):
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, randaug="timm"):
+def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, randaug="timm", autoaugment=False,
+                  cutout_px=0):
     """Yield (views, labels) batches of a device-resident uint8 training set. Random decisions
     come from a CPU generator seeded by (seed, epoch): the same on every device, and on resume."""
     gen = torch.Generator().manual_seed(seed * 100003 + epoch + 7)
@@ -519,7 +576,7 @@ def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, ra
         idx = idx.to(x.device)
         xb = x[idx]
         if augment:
-            out = [augment_view(xb, gen, info, randaug) for _ in range(views)]
+            out = [augment_view(xb, gen, info, randaug, 4, autoaugment, cutout_px) for _ in range(views)]
         else:
             out = [to_float(xb, info.mean, info.std)] * views
         yield out, y[idx]
@@ -536,12 +593,7 @@ class TimmRandAugment:
         self.fill = fill
 
     def __call__(self, img):
-        import numpy as np
-        from PIL import Image
-        a = np.asarray(img)
-        x = torch.from_numpy(a.copy()).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)[None]
-        out = rand_augment(x, None, fill=self.fill)[0].permute(1, 2, 0).numpy()
-        return Image.fromarray(out[:, :, 0] if out.shape[2] == 1 else out)
+        return TensorOp(lambda x: rand_augment(x, None, fill=self.fill))(img)
 
 
 def pil_randaugment(info, randaug):
@@ -549,14 +601,31 @@ def pil_randaugment(info, randaug):
     return {"timm": [TimmRandAugment(fill_colour(info))], "torchvision": [T.RandAugment()], "none": []}[randaug]
 
 
+class TensorOp:
+    """A uint8-batch augmentation of the tensor path applied to one PIL image."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, img):
+        import numpy as np
+        from PIL import Image
+        a = np.asarray(img)
+        x = torch.from_numpy(a.copy()).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)[None]
+        out = self.fn(x)[0].permute(1, 2, 0).numpy()
+        return Image.fromarray(out[:, :, 0] if out.shape[2] == 1 else out)
+
+
 class PILViews(torch.utils.data.Dataset):
     """Returns (view_1, ..., view_k, label) of a uint8 tensor dataset through PIL transforms."""
 
-    def __init__(self, x, y, info, views=2, augment=True, randaug="timm"):
+    def __init__(self, x, y, info, views=2, augment=True, randaug="timm", autoaugment=False, cutout_px=0):
         from torchvision import transforms as T
         self.x, self.y, self.views = x, y, views
         steps = [T.RandomCrop(info.size, padding=4), T.RandomHorizontalFlip()] if augment else []
+        steps += [TensorOp(auto_augment)] if augment and autoaugment else []
         steps += pil_randaugment(info, randaug) if augment else []
+        steps += [TensorOp(lambda x: cutout(x, cutout_px))] if augment and cutout_px else []
         self.tf = T.Compose(steps + [T.ToTensor(), T.Normalize(info.mean, info.std)])
 
     def __len__(self):

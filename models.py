@@ -95,11 +95,15 @@ def mlp(din, dhidden, dout):
 
 
 def simplex_etf(d, C, generator=None):
-    """M = sqrt(C/(C-1)) U (I - 11^T/C), U a random d x C matrix with orthonormal columns (Eq. 1)."""
-    if d < C:
-        raise ValueError(f"a simplex ETF of {C} classes needs a feature dimension >= {C}, got {d}")
-    U, _ = torch.linalg.qr(torch.randn(d, C, generator=generator))
-    return math.sqrt(C / (C - 1)) * U @ (torch.eye(C) - torch.ones(C, C) / C)
+    """M = sqrt(C/(C-1)) U (I - 11^T/C) (Eq. 1), d x C, columns a unit simplex ETF. U has orthonormal
+    columns; the ETF spans C - 1 dimensions, so d >= C - 1 suffices (U maps the C - 1 dimensional
+    complement of 1 into R^d; for d >= C this is the ETF code's P (I - 11^T/C) up to rotation)."""
+    if d < C - 1:
+        raise ValueError(f"a simplex ETF of {C} classes needs a feature dimension >= {C - 1}, got {d}")
+    B, _ = torch.linalg.qr(torch.eye(C) - torch.ones(C, C) / C)        # columns: a basis, then one zero column
+    B = B[:, :C - 1]                                                    # orthonormal basis of 1's complement
+    U, _ = torch.linalg.qr(torch.randn(d, C - 1, generator=generator))
+    return math.sqrt(C / (C - 1)) * U @ B.t() @ (torch.eye(C) - torch.ones(C, C) / C)
 
 
 class LinearHead(nn.Module):
@@ -126,18 +130,18 @@ class LinearHead(nn.Module):
 
 
 class ETFHead(nn.Module):
-    """Fixed simplex-ETF classifier (Yang et al. 2022): BatchNorm1d, l2-normalise, logits h M.
-    When the encoder is narrower than C, a linear layer widens it to C first."""
+    """Fixed simplex-ETF classifier (Yang et al. 2022; ImbalancedLearning models/resnet_cifar.py
+    ETF_Classifier): BatchNorm1d, l2-normalise, logits h M. No widening layer: the feature must have
+    at least C - 1 dimensions (the public code widens the backbone instead, ResNet-32 width 32 on
+    CIFAR-100)."""
 
     def __init__(self, d, C, seed=0):
         super().__init__()
-        dh = max(d, C)
-        self.widen = nn.Linear(d, dh) if dh != d else nn.Identity()
-        self.bn = nn.BatchNorm1d(dh)
-        self.register_buffer("M", simplex_etf(dh, C, torch.Generator().manual_seed(seed)))
+        self.bn = nn.BatchNorm1d(d)
+        self.register_buffer("M", simplex_etf(d, C, torch.Generator().manual_seed(seed)))
 
     def forward(self, feat):
-        h = F.normalize(self.bn(self.widen(feat)), dim=1)
+        h = F.normalize(self.bn(feat), dim=1)
         return h @ self.M, h
 
     def classifier_weight(self):
@@ -147,70 +151,97 @@ class ETFHead(nn.Module):
         return None
 
 
-class RotatedETFHead(nn.Module):
-    """RBL (Gao et al. 2023): logit = f(x)^T R M*, R = exp(A - A^T) learnable orthogonal d x d."""
+def random_orthogonal(rows, cols, generator=None):
+    """A Haar-random matrix with orthonormal rows (rows <= cols) or columns, determinant +1 when
+    square (geotorch's uniform sample on SO(n), RBL's start)."""
+    q, r = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=generator))
+    q = q * torch.sign(torch.diagonal(r))[None]
+    q = q if rows >= cols else q.t()
+    if rows == cols and torch.det(q) < 0:
+        q[0] = -q[0]
+    return q
 
-    def __init__(self, d, C, seed=0):
+
+class RotatedETFHead(nn.Module):
+    """RBL (Gao et al. 2023; qqgroup66666/rbl models/PLmodel.py): Linear(d, 256) with bias, then a
+    learnable orthogonal R (parametrizations.orthogonal, matrix_exp; Haar-random start), then the
+    fixed frame E = (I_256 - 11^T/256)[:, :C]: logit = f(x) R E. With C > 256 R is 256 x C with
+    orthonormal rows and E = I_C - 11^T/C, as in the file."""
+
+    def __init__(self, d, C, seed=0, dim=256):
         super().__init__()
-        dh = max(d, C)
-        self.widen = nn.Linear(d, dh) if dh != d else nn.Identity()
-        rot = nn.Linear(dh, dh, bias=False)
-        nn.init.eye_(rot.weight)      # start at R = I (the parametrization keeps the given orthogonal start)
+        g = torch.Generator().manual_seed(seed)
+        self.fc = nn.Linear(d, dim)
+        n = max(dim, C)
+        rot = nn.Linear(n, dim, bias=False)                    # weight dim x n
+        with torch.no_grad():
+            rot.weight.copy_(random_orthogonal(dim, n, g))
         self.rot = nn.utils.parametrizations.orthogonal(rot, orthogonal_map="matrix_exp")
-        self.register_buffer("M", simplex_etf(dh, C, torch.Generator().manual_seed(seed)))
+        E = torch.eye(n) - torch.ones(n, n) / n
+        self.register_buffer("E", E[:, :C] if C <= dim else E)
 
     def rotation(self):
         return self.rot.weight
 
     def forward(self, feat):
-        h = self.widen(feat)
-        return h @ self.rotation() @ self.M, h
+        h = self.fc(feat)
+        return h @ self.rotation() @ self.E, h
 
     def classifier_weight(self):
-        return (self.rotation() @ self.M).t()
+        return (self.rotation() @ self.E).t()
 
     def classifier_bias(self):
         return None
 
 
 def ncmc_center_counts(counts, f, aware=True):
-    """Centers per class. 'aware': f for the smallest class, 1 for the largest, linear in
-    log(count) between (our reading of NCMC's class-aware rule: minority classes get more)."""
+    """Centers per class, NCMC's calc_cls_idx: 'ca' (aware) gives k_c = int((f-2) C n_c / N) + 1 in
+    the given class order, adds the shortfall to C (f - 1) one by one to the first entries, then
+    reverses the list (so on head-to-tail data the smallest class gets the most); 'ave' gives
+    f - 1 to every class. Either way C (f - 1) centers in all."""
+    C, N = len(counts), sum(counts)
     if not aware:
-        return [f] * len(counts)
-    lo, hi = math.log(min(counts)), math.log(max(counts))
-    if hi - lo < 1e-12:
-        return [f] * len(counts)
-    return [1 + int(round((f - 1) * (hi - math.log(n)) / (hi - lo))) for n in counts]
+        return [f - 1] * C
+    k = [int((f - 2) * C * n / N) + 1 for n in counts]
+    for i in range(C * (f - 1) - sum(k)):
+        k[i] += 1
+    return k[::-1]
 
 
 class MultiCenterHead(nn.Module):
-    """NCMC (Yan et al. 2024): fixed centers W_ij = cos(theta) v_ij + sin(theta) w_i per class i,
-    w_i a simplex ETF, v_ij random unit vectors orthogonal to w_i. Features are l2-normalised;
-    the class score is the cosine to the class's mean center (see README, NCMC assumptions)."""
+    """NCMC (Yan et al. 2024; the public file's CAL_classifier and ClassAwareLoss). One orthogonal
+    frame of f*C rows: the last C rows are the class directions w_i, the first C (f - 1) the
+    per-center vectors v; class i owns k_i consecutive v's and its centers are
+    V_ij = cos(theta) v_ij + sin(theta) w_i (unit, since v _|_ w). The feature goes through
+    BatchNorm1d and is l2-normalised; logits = x^ w^T. The frame needs f*C dimensions to be
+    orthonormal: narrower features are first mapped by a learnable Linear(d, f*C) (README)."""
 
-    def __init__(self, d, C, centers, theta=0.2, seed=0):
+    def __init__(self, d, C, centers, f=20, theta=0.2, seed=0):
         super().__init__()
-        dh = max(d, C)
         g = torch.Generator().manual_seed(seed)
-        self.widen = nn.Linear(d, dh) if dh != d else nn.Identity()
-        w = simplex_etf(dh, C, g).t()                                   # C x dh, unit rows
-        fmax = max(centers)
-        v = torch.randn(C, fmax, dh, generator=g)
-        v = v - (v * w[:, None]).sum(-1, keepdim=True) * w[:, None]     # orthogonal to w_i
-        v = F.normalize(v, dim=-1)
-        W = math.cos(theta) * v + math.sin(theta) * w[:, None]          # C x fmax x dh, unit rows
-        mask = torch.arange(fmax)[None, :] < torch.tensor(centers)[:, None]
-        self.register_buffer("W", W)
-        self.register_buffer("mask", mask)
-        self.register_buffer("mean_center", (W * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+        dim = max(d, f * C)
+        self.proj = nn.Linear(d, dim) if dim != d else nn.Identity()
+        self.bn = nn.BatchNorm1d(dim)
+        frame = random_orthogonal(f * C, dim, g)                     # orthonormal rows
+        w, v = frame[-C:], frame[:-C]
+        kmax = max(centers)
+        V = torch.zeros(C, kmax, dim)
+        start = 0
+        for i, k in enumerate(centers):
+            V[i, :k] = math.cos(theta) * v[start:start + k] + math.sin(theta) * w[i]
+            start += k
+        self.register_buffer("w", w)
+        self.register_buffer("V", V)
+        self.register_buffer("mask", torch.arange(kmax)[None] < torch.tensor(centers)[:, None])
+        self.register_buffer("k", torch.tensor(centers, dtype=torch.float32))
+        self.theta = theta
 
     def forward(self, feat):
-        h = F.normalize(self.widen(feat), dim=1)
-        return h @ F.normalize(self.mean_center, dim=1).t(), h
+        x = self.bn(self.proj(feat))
+        return F.normalize(x, dim=1) @ self.w.t(), x      # h: the tensor the norm regulariser sees
 
     def classifier_weight(self):
-        return self.mean_center
+        return self.w
 
     def classifier_bias(self):
         return None

@@ -16,8 +16,9 @@
 #   IMAGENET_LT_TRAIN_LIST=, IMAGENET_LT_TEST_LIST=   the standard split files, if you have them
 #   INAT2018_ROOT=         ImageFolder root of iNaturalist 2018 -> Table IV
 #   INAT2018_TRAIN_LIST=, INAT2018_TEST_LIST=
-#   WIDTH=                 CIFAR ResNet base width for every run (default: allnc.py's, 64 on CIFAR as
-#                          GLMC's ResNet-32; WIDTH=16 runs every table on the thin 0.46M network)
+#   WIDTH=                 CIFAR ResNet base width for every AllNC-recipe run (default: allnc.py's, 64 on
+#                          CIFAR as GLMC's ResNet-32; WIDTH=16: the thin 0.46M network). Baselines run
+#                          with --recipe own keep their recipe's network.
 #   EXTRA=""               flags added to every run (e.g. "--compile")
 #   PYTHON=python
 # A finished configuration (its result JSON exists and is complete) is skipped; an interrupted
@@ -51,6 +52,8 @@ case "$SCALE" in full|smoke) ;; *) echo "error: SCALE=$SCALE: use full or smoke"
 # TABLE2_GAMMA in allnc.py (a test checks).
 gamma_for() { if [ "$1" = cifar100 ] && [ "$2" = 100 ]; then echo 3; else echo 2; fi; }
 
+width_arg() { [ -z "$WIDTH" ] || printf ' --width %s' "$WIDTH"; }   # own recipes keep their own network
+
 folder_args() {  # root train_list test_list
   local a="--data-root $1 --imb-type pareto --imb 1"
   [ -n "$2" ] && a="$a --train-list $2"
@@ -60,9 +63,14 @@ folder_args() {  # root train_list test_list
 
 configs() {  # one line per configuration: TABLE<TAB>allnc.py arguments (or SKIP<TAB>reason)
   local d i m g a
-  for d in cifar10 cifar100; do for i in 200 100 50 10; do for m in allnc allnc++ ce etf rbl ncmc; do
-    printf 'Table II\t--dataset %s --imb %s --method %s --gamma %s\n' $d $i $m "$(gamma_for $d $i)"
-  done; done; done
+  for d in cifar10 cifar100; do for i in 200 100 50 10; do
+    for m in allnc allnc++; do
+      printf 'Table II\t--dataset %s --imb %s --method %s --gamma %s%s\n' $d $i $m "$(gamma_for $d $i)" "$(width_arg)"
+    done
+    for m in ce etf rbl ncmc; do   # the paper's baseline numbers come from each method's own recipe
+      printf 'Table II\t--dataset %s --imb %s --method %s --recipe own\n' $d $i $m
+    done
+  done; done
   for m in allnc allnc++ ce; do
     if [ -n "${IMAGENET_LT_ROOT:-}" ]; then
       printf 'Table III\t--dataset imagenet_lt %s --method %s --gamma 2\n' \
@@ -74,16 +82,16 @@ configs() {  # one line per configuration: TABLE<TAB>allnc.py arguments (or SKIP
     else printf 'Table IV\tSKIP %s: INAT2018_ROOT is not set\n' $m; fi
   done
   for d in cifar10 cifar100; do for m in allnc ce; do
-    printf 'Table V\t--dataset %s --imb 1 --method %s --gamma 2\n' $d $m
+    printf 'Table V\t--dataset %s --imb 1 --method %s --gamma 2%s\n' $d $m "$(width_arg)"
   done; done
   for i in 200 100; do for g in 0.5 1.0 1.5 2.0 2.5 3.0 3.5 4.0; do
-    printf 'Table VI\t--dataset cifar100 --imb %s --method allnc --gamma %s\n' $i $g
+    printf 'Table VI\t--dataset cifar100 --imb %s --method allnc --gamma %s%s\n' $i $g "$(width_arg)"
   done; done
   for a in "" --no-hycon --no-p2p --no-gbbn --fixed-gamma; do
-    printf 'Table VII\t--dataset cifar100 --imb 100 --method allnc --gamma 3%s\n' "${a:+ $a}"
+    printf 'Table VII\t--dataset cifar100 --imb 100 --method allnc --gamma 3%s%s\n' "${a:+ $a}" "$(width_arg)"
   done
   for a in 0 0.25 0.5 1 2; do
-    printf 'Fig. 8\t--dataset cifar100 --imb 100 --method allnc --gamma 3 --alpha %s\n' $a
+    printf 'Fig. 8\t--dataset cifar100 --imb 100 --method allnc --gamma 3 --alpha %s%s\n' $a "$(width_arg)"
   done
 }
 
@@ -97,14 +105,13 @@ selected() {
 
 if [ "$SCALE" = smoke ]; then
   # 2 epochs so that eta (and so gamma) matters; one thread per run, two runs at a time
-  SCALE_ARGS="--smoke --epochs 2 --depth 8 --device cpu --nc-every 0 --wb-stage2-epochs 1 --workers 0"
+  SCALE_ARGS="--smoke --epochs 2 --depth 8 --batch-size 64 --device cpu --nc-every 0 --wb-stage2-epochs 1 --workers 0"
   WIDTH=${WIDTH:-16}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   JOBS=${JOBS:-2}
 else
   SCALE_ARGS=""
 fi
-[ -z "$WIDTH" ] || SCALE_ARGS="${SCALE_ARGS:+$SCALE_ARGS }--width $WIDTH"
 
 if [ "$LIST" = 1 ]; then
   selected | while IFS=$'\t' read -r table args; do

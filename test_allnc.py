@@ -122,31 +122,62 @@ def test_gbbn_cls_loss_eq12_endpoints():
     assert mid == pytest.approx(0.3 * ce.item() + 0.7 * re.item(), rel=1e-6)
 
 
-def test_etf_dot_regression_loss():
+def test_etf_dot_regression_loss_with_ew():
     M = models.simplex_etf(12, 10)
     y = torch.tensor([0, 3, 7])
     assert allnc.etf_dr_loss(M.t()[y], M, y).item() == pytest.approx(0, abs=1e-12)
-    h = torch.zeros(3, 12)       # <h, m_y> = 0 -> 0.5 * (0 - 1)^2
+    h = torch.zeros(3, 12)       # <h, m_y> = 0 -> 0.5 * (0 - 1)^2, Ew = 1 with one sample per class
     assert allnc.etf_dr_loss(h, M, y).item() == pytest.approx(0.5)
-    # balance factor: a class with 3 samples and a class with 1 weigh the same in total
+    # produce_Ew: Ew_c = sqrt((B / classes in batch) / count_c); B = 4, classes {0, 1}: Ew_0^2 = 2/3, Ew_1^2 = 2
     y2 = torch.tensor([0, 0, 0, 1])
-    h2 = torch.cat([M.t()[[0, 0, 0]], torch.zeros(1, 12)])    # only the class-1 sample has loss 0.5
-    assert allnc.etf_dr_loss(h2, M, y2, balance=False).item() == pytest.approx(0.5 / 4)
-    assert allnc.etf_dr_loss(h2, M, y2, balance=True).item() == pytest.approx(0.5 * 4 / (2 * 1) / 4)
+    h2 = torch.zeros(4, 12)
+    assert allnc.etf_dr_loss(h2, M, y2, balance=False).item() == pytest.approx(0.5)
+    assert allnc.etf_dr_loss(h2, M, y2).item() == pytest.approx(0.5 * (3 * 2 / 3 + 2) / 4)
+    # with mixup the counts are the un-mixed batch's, whatever labels the term is for
+    yb = torch.tensor([1, 0, 0, 0])
+    assert allnc.etf_dr_loss(h2, M, yb, y_count=y2).item() == pytest.approx(0.5 * (2 + 3 * 2 / 3) / 4)
+    assert allnc.Config().etf_balance is True
 
 
-def test_ncmc_centers_and_loss():
-    counts = [500, 50, 5]
-    f = models.ncmc_center_counts(counts, 20)
-    assert f[0] == 1 and f[-1] == 20 and f[0] < f[1] < f[2]
-    assert models.ncmc_center_counts(counts, 20, aware=False) == [20, 20, 20]
-    head = models.MultiCenterHead(16, 3, f, theta=0.2)
-    assert torch.allclose(head.W.norm(dim=-1), torch.ones(3, 20), atol=1e-6)
-    w = models.simplex_etf(16, 3, torch.Generator().manual_seed(0)).t()
-    cos_to_w = (head.W * w[:, None]).sum(-1)
-    assert torch.allclose(cos_to_w[0, :1], torch.tensor([math.sin(0.2)]), atol=1e-5)
-    y = torch.tensor([0])          # class 0 has one center: loss 0 at that center, 1 orthogonal to it
-    assert allnc.ncmc_cos_loss(head.W[0, :1], head.W, head.mask, y).item() == pytest.approx(0, abs=1e-6)
+def test_ncmc_centers_frames_and_loss():
+    counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    k = models.ncmc_center_counts(counts, 20)
+    assert k == [1, 2, 3, 4, 6, 10, 17, 28, 45, 74] and sum(k) == 10 * 19
+    assert models.ncmc_center_counts(counts, 20, aware=False) == [19] * 10
+    head = models.MultiCenterHead(256, 10, k, f=20, theta=0.2)          # 200 frame rows fit in 256 dims
+    assert isinstance(head.proj, torch.nn.Identity)
+    frame = torch.cat([head.V[i, :n] for i, n in enumerate(k)])
+    assert torch.allclose(head.w @ head.w.t(), torch.eye(10), atol=1e-5)
+    assert torch.allclose(frame.norm(dim=1), torch.ones(190), atol=1e-5)
+    v = torch.cat([(head.V[i, :n] - math.sin(0.2) * head.w[i]) / math.cos(0.2) for i, n in enumerate(k)])
+    full = torch.cat([v, head.w])
+    assert torch.allclose(full @ full.t(), torch.eye(200), atol=1e-5)   # one orthonormal frame of f*C rows
+    narrow = models.MultiCenterHead(64, 10, k)                            # 64 < 200: projected to 200
+    assert narrow.proj.out_features == 200 and narrow.w.shape == (10, 200)
+    # loss: 0 at a center for a class with one center (|x| = 1); g(k) weights a class's k centers
+    y = torch.tensor([0])
+    x = head.V[0, :1].clone()
+    assert allnc.ncmc_loss(x, head.V, head.mask, head.k, y, 0.2).item() == pytest.approx(0, abs=1e-6)
+    y1 = torch.tensor([1])                     # class 1: two centers, x = w_1 (cos = sin(theta) to both)
+    g = math.sqrt(math.cos(0.2) ** 2 + 2 * math.sin(0.2) ** 2) / math.sqrt(2)
+    want = g * 2 * (1 - math.sin(0.2)) ** 2 + 6e-4 * (3 - 1) ** 2
+    got = allnc.ncmc_loss(3 * head.w[1:2], head.V, head.mask, head.k, y1, 0.2).item()
+    assert got == pytest.approx(want, rel=1e-5)
+    head.eval()                                 # BN at its initial running stats: identity
+    feat = torch.randn(5, 256)
+    logits, h = head(feat)
+    assert torch.equal(logits.argmax(1), (F.normalize(feat, dim=1) @ head.w.t()).argmax(1))
+
+
+def test_etf_needs_c_minus_1_dimensions():
+    M = models.simplex_etf(9, 10)                 # C - 1 dimensions are enough for a simplex ETF
+    assert torch.allclose(M.t() @ M, allnc.etf_gram(10), atol=1e-5)
+    with pytest.raises(ValueError):
+        models.simplex_etf(8, 10)
+    r = cli("allnc.py", "--dataset", "cifar100", "--method", "etf", "--width", "16", "--epochs", "1")
+    assert r.returncode == 2 and "--width 25" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    own = allnc.resolve(allnc.Config(dataset="cifar100", method="etf", recipe="own"))
+    assert own.width == 32 and allnc.feature_dim(own) == 128
 
 
 def test_logit_adjustment_follows_formula():
@@ -194,21 +225,30 @@ def test_etf_buffer_survives_save_and_load(tmp_path):
     assert "head.M" in a.state_dict() and not any(p is a.head.M for p in a.parameters())
 
 
-def test_rbl_rotation_stays_orthogonal_after_steps():
+def test_rbl_head_bias_reaches_logits_and_rotation_stays_orthogonal():
     head = models.RotatedETFHead(16, 10)
-    opt = torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9)
-    feat, y = torch.randn(32, 16), torch.randint(10, (32,))
+    assert head.fc.in_features == 16 and head.fc.out_features == 256 and head.fc.bias is not None
+    E = torch.eye(256) - torch.ones(256, 256) / 256
+    assert torch.equal(head.E, E[:, :10])
+    feat = torch.randn(32, 16)
+    before = head(feat)[0].detach().clone()
+    with torch.no_grad():
+        head.fc.bias += torch.randn(256)
+    assert not torch.allclose(head(feat)[0], before)          # the bias term reaches the logits
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)         # the recipe's lr
+    y = torch.randint(10, (32,))
     R0 = head.rotation().detach().clone()
+    assert torch.allclose(R0.t() @ R0, torch.eye(256), atol=1e-5) and torch.det(R0) > 0
     for _ in range(20):
         loss = F.cross_entropy(head(feat)[0], y)
         opt.zero_grad()
         loss.backward()
         opt.step()
     R = head.rotation().detach()
-    assert torch.allclose(R.t() @ R, torch.eye(16), atol=1e-5)
+    assert torch.allclose(R.t() @ R, torch.eye(256), atol=1e-4)
     assert (R - R0).abs().max() > 1e-3          # it did rotate
     logits, h = head(feat)
-    assert torch.allclose(logits, h @ R @ head.M, atol=1e-5)
+    assert torch.allclose(logits, h @ R @ head.E, atol=1e-4)
 
 
 @pytest.mark.parametrize("method,space", [(m, "z") for m in allnc.METHODS] + [("allnc", "feature")])
@@ -228,7 +268,7 @@ def test_each_method_trains_one_step(tmp_path, method, space):
     after = model.state_dict()
     assert torch.isfinite(loss)
     assert not torch.equal(before["encoder.conv1.weight"], after["encoder.conv1.weight"])
-    for fixed in ("head.M", "head.W"):
+    for fixed in ("head.M", "head.w", "head.V", "head.E"):
         if fixed in before:
             assert torch.equal(before[fixed], after[fixed])
     if method.startswith("allnc"):
@@ -760,13 +800,13 @@ def test_lr_schedule_per_epoch_as_glmc_and_paco():
     opt = torch.optim.SGD([p], lr=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=200)   # GLMC's CIFAR schedule
     for e in range(200):
-        assert allnc.lr_at(e, 200, 0, 0.01) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        assert allnc.lr_at(e, 200, 0.01, 0) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
         opt.step()
         sched.step()
     # PaCo's adjust_learning_rate (GLMC ImageNet-LT/iNat): (e+1)/10 warm-up, then cosine from e=10
-    assert allnc.lr_at(0, 100, 10, 0.1) == pytest.approx(0.01)
-    assert allnc.lr_at(9, 100, 10, 0.1) == pytest.approx(0.1)
-    assert allnc.lr_at(10, 100, 10, 0.1) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 91)))
+    assert allnc.lr_at(0, 100, 0.1, 10) == pytest.approx(0.01)
+    assert allnc.lr_at(9, 100, 0.1, 10) == pytest.approx(0.1)
+    assert allnc.lr_at(10, 100, 0.1, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 91)))
     assert allnc.resolve(allnc.Config(dataset="cifar10")).warmup == 0
 
 
@@ -861,3 +901,72 @@ def test_tables_keep_protocols_apart_and_read_old_results(tmp_path, capsys):
     allnc.print_tables(str(tmp_path))
     out = capsys.readouterr().out
     assert out.count("==== protocol:") == 2 and "width 64" in out and "width 16" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines: recipes, mixup, augmentation (issue 10)
+
+def test_recipes_land_in_the_run_config_and_explicit_flags_win(tmp_path):
+    ce = allnc.resolve(allnc.Config(dataset="cifar10", method="ce", recipe="own"))
+    assert (ce.batch_size, ce.lr, ce.wd, ce.epochs, ce.warmup, ce.lr_schedule, ce.lr_step_factor, ce.randaug,
+            ce.width) == (128, 0.1, 2e-4, 200, 5, "step", 0.01, "none", 16)
+    etf = allnc.resolve(allnc.Config(dataset="cifar10", method="etf", recipe="own"))
+    assert (etf.mixup, etf.lr_step_factor, etf.width, etf.etf_balance) == (1.0, 0.1, 16, True)
+    rbl = allnc.resolve(allnc.Config(dataset="cifar100", method="rbl", recipe="own"))
+    assert (rbl.epochs, rbl.batch_size, rbl.nesterov, rbl.wd, rbl.warmup, rbl.warmup_start, rbl.autoaugment,
+            rbl.cutout, rbl.lr_schedule) == (600, 256, True, 5e-4, 8, 0.5, True, 16, "cosine-rbl")
+    same = allnc.resolve(allnc.Config(dataset="cifar10", method="rbl"))
+    assert (same.epochs, same.batch_size, same.nesterov) == (200, 64, False)       # --recipe allnc
+    cfg, extra = allnc.parse_args(["--dataset", "synthetic", "--method", "rbl", "--recipe", "own", "--epochs", "1",
+                                   "--batch-size=32", "--out", str(tmp_path)])
+    allnc.resolve(cfg, extra["explicit"])
+    assert (cfg.epochs, cfg.batch_size, cfg.cutout, cfg.nesterov) == (1, 32, 16, True)
+    res = allnc.run(cfg, quiet=True)
+    assert res["config"]["recipe"] == "own" and res["config"]["cutout"] == 16 and res["config"]["epochs"] == 1
+    r = cli("allnc.py", "--dataset", "synthetic", "--method", "allnc", "--recipe", "own")
+    assert r.returncode == 2 and "no published recipe" in r.stderr
+
+
+def test_step_and_rbl_schedules():
+    lr = [allnc.lr_at(e, 200, 0.1, 5, "step", (160, 180), 0.1) for e in range(200)]
+    assert lr[0] == pytest.approx(0.02) and lr[4] == pytest.approx(0.1) and lr[159] == pytest.approx(0.1)
+    assert lr[160] == pytest.approx(0.01) and lr[180] == pytest.approx(0.001)
+    # RBL run/utils.py: lr/2 + lr/2 (e+1)/8, then cos_decay with (end - begin) = 592 in the denominator
+    assert allnc.lr_at(0, 600, 0.1, 8, "cosine-rbl", warmup_start=0.5) == pytest.approx(0.05 + 0.05 / 8)
+    assert allnc.lr_at(7, 600, 0.1, 8, "cosine-rbl", warmup_start=0.5) == pytest.approx(0.1)
+    assert allnc.lr_at(8, 600, 0.1, 8, "cosine-rbl", warmup_start=0.5) == \
+        pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 592)))
+
+
+@pytest.mark.parametrize("method", ["ce", "etf", "ncmc"])
+def test_mixup_at_lambda_one_is_the_plain_loss(tmp_path, method):
+    cfg = tiny_cfg(tmp_path, method=method, mixup=1.0)
+    data = allnc.Data(cfg, torch.device("cpu"))
+    st = allnc.TrainState(cfg, data, torch.device("cpu"))
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).eval()
+    (x,), y = next(iter(data.train_batches(1, 1)))
+
+    class One:
+        beta = staticmethod(lambda a, b: 1.0)
+        permutation = staticmethod(lambda n: np.random.RandomState(0).permutation(n))
+    st.mix_rng = One()
+    mixed, _ = allnc.step_single(model, [x], y, st)
+    cfg.mixup = 0.0
+    plain, _ = allnc.step_single(model, [x], y, st)
+    assert mixed.item() == pytest.approx(plain.item(), rel=1e-6)
+    class Half(One):
+        beta = staticmethod(lambda a, b: 0.5)
+    st.mix_rng, cfg.mixup = Half(), 1.0
+    assert allnc.step_single(model, [x], y, st)[0].item() != pytest.approx(plain.item(), rel=1e-3)
+
+
+def test_cutout_and_autoaugment_per_image():
+    x = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
+    out = data_lt.cutout(x, 16, torch.Generator().manual_seed(0))
+    holes = (out == 0).all(1).sum((1, 2))
+    assert holes.max() == 256 and holes.min() >= 64 and (holes < 256).any()     # clipped at the border
+    assert ((out == 0) | (out == 200)).all()
+    xs = structured_images(64, 3, 32)
+    aa = data_lt.auto_augment(xs, torch.Generator().manual_seed(1))
+    changed = (aa != xs).flatten(1).any(1)
+    assert aa.shape == xs.shape and aa.dtype == torch.uint8 and 0 < changed.sum() < 64
