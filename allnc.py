@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -179,10 +180,64 @@ NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "
                 "data_root", "download", "train_list", "test_list"}
 
 
+# Valid values of every numeric field: (test, what the value must be). Checked by resolve()
+# before any work starts; bad input gets one line naming the flag and the valid range.
+_pos, _nonneg = (lambda v: v >= 1, "a positive integer"), (lambda v: v >= 0, ">= 0")
+RULES = {
+    "imb": (lambda v: v >= 1, ">= 1 (the imbalance factor N_max/N_min; 1 = balanced)"),
+    "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)"),
+    "epochs": _pos, "batch_size": _pos, "width": _pos, "proj_dim": _pos, "pred_hidden": _pos, "eval_every": _pos,
+    "lr": (lambda v: v > 0, "> 0"), "wd": _nonneg, "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "warmup": _nonneg, "warmup_start": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lr_step_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "depth": (lambda v: v >= 8 and (v - 2) % 6 == 0, "6n+2: 8, 20, 32, 44 or 56"),
+    "gamma": (lambda v: v > 0, "> 0"), "alpha": _nonneg, "grw_rho": _nonneg,
+    "mean_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "maxnorm": (lambda v: v > 0, "> 0"), "wb_stage2_epochs": _nonneg, "wb_stage2_lr": (lambda v: v > 0, "> 0"),
+    "wb_stage2_wd": _nonneg, "wb_cb_beta": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "rbl_tau": _nonneg, "ncmc_f": (lambda v: v >= 2, ">= 2"),
+    "ncmc_theta": (lambda v: 0 < v < math.pi / 2, "in (0, pi/2)"),
+    "mixup": _nonneg, "cutout": _nonneg, "workers": _nonneg, "nc_every": _nonneg,
+}
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_writable_dir(path):
+    """The --out directory exists or can be made, and is writable; leaves nothing behind."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise DataError(f"--out {path}: {p} is a file, not a directory; choose another --out")
+    try:
+        for d in reversed(made):
+            os.mkdir(d)
+        probe = os.path.join(os.path.abspath(path), f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"--out {path} cannot be created or written ({e.strerror}); choose a writable directory") from None
+    finally:
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
 def resolve(cfg, explicit=()):
-    """Apply --recipe, fill dataset-dependent defaults (paper V-B) and validate; raises DataError
-    on bad input. explicit: the fields the user set on the command line (they beat a recipe)."""
+    """Apply --recipe, fill dataset-dependent defaults (paper V-B) and validate every field; raises
+    DataError on bad input. explicit: the fields the user set on the command line (they beat a recipe)."""
     apply_recipe(cfg, explicit)
+    for f in dataclasses.fields(cfg):          # numbers first: finite, then in range
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise DataError(f"{flag(f.name)} {v} is not a finite number")
     if cfg.imb < 1:
         raise DataError(f"--imb {cfg.imb:g} is below 1; the imbalance factor is N_max/N_min, use 1 for balanced data")
     info = data_lt.DATASETS[cfg.dataset]
@@ -194,17 +249,9 @@ def resolve(cfg, explicit=()):
     for k, v in defaults.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    for k in ("epochs", "batch_size"):
-        if getattr(cfg, k) < 1:
-            raise DataError(f"--{k.replace('_', '-')} {getattr(cfg, k)} must be a positive integer")
-    if cfg.width < 1:
-        raise DataError(f"--width {cfg.width} must be a positive integer (16 or 64 for the paper's networks)")
-    if cfg.maxnorm <= 0 or not 0 < cfg.wb_cb_beta < 1:
-        raise DataError("--maxnorm must be > 0 and --wb-cb-beta in (0, 1)")
-    if cfg.depth < 8 or (cfg.depth - 2) % 6:
-        raise DataError(f"--depth {cfg.depth} is not 6n+2; use 8, 20, 32, 44 or 56")
-    if cfg.gamma <= 0 or cfg.alpha < 0 or cfg.lr <= 0 or cfg.warmup < 0 or cfg.wb_stage2_epochs < 0:
-        raise DataError("--gamma and --lr must be > 0; --alpha, --warmup and --wb-stage2-epochs must be >= 0")
+    for k, (ok, what) in RULES.items():
+        if not ok(getattr(cfg, k)):
+            raise DataError(f"{flag(k)} {getattr(cfg, k)!r} is invalid: it must be {what}")
     if cfg.arch not in ("resnet_cifar", "resnext50", "resnet50"):
         raise DataError(f"--arch {cfg.arch!r} unknown; use resnet_cifar, resnext50 or resnet50")
     C = info.num_classes
@@ -212,10 +259,8 @@ def resolve(cfg, explicit=()):
         raise DataError(f"etf on {cfg.dataset} needs a feature dimension >= {C - 1} for {C} ETF vertices; "
                         f"--width {cfg.width} gives {feature_dim(cfg)}: use --width {math.ceil((C - 1) / 4)} or more "
                         f"(the ETF code's CIFAR-100 ResNet-32 has width 32)")
-    if cfg.mixup < 0 or (cfg.mixup > 0 and cfg.method.startswith("allnc")):
-        raise DataError("--mixup is a Beta(a, a) parameter >= 0 for ce, etf, rbl and ncmc (AllNC uses two views)")
-    if cfg.cutout < 0:
-        raise DataError(f"--cutout {cfg.cutout}: the hole side in pixels must be >= 0")
+    if cfg.mixup > 0 and cfg.method.startswith("allnc"):
+        raise DataError("--mixup applies to ce, etf, rbl and ncmc (AllNC trains on two views); drop it")
     try:
         parse_steps(cfg.lr_steps)
     except ValueError:
@@ -224,6 +269,20 @@ def resolve(cfg, explicit=()):
         cfg.loader = "pil" if big else "tensor"
     if big and cfg.loader == "tensor":
         raise DataError(f"{cfg.dataset} is an ImageFolder dataset; use --loader pil")
+    try:
+        dev = torch.device("cpu" if cfg.device == "auto" else cfg.device)
+    except RuntimeError:
+        raise DataError(f"--device {cfg.device!r} unknown; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {cfg.device} but no CUDA device is available; use --device cpu")
+    if cfg.name is not None and (not cfg.name.strip() or os.sep in cfg.name or cfg.name.startswith(".")):
+        raise DataError(f"--name {cfg.name!r} must be a plain file name (no '{os.sep}', not starting with '.')")
+    if os.path.exists(cfg.data_root) and not os.path.isdir(cfg.data_root):
+        raise DataError(f"--data-root {cfg.data_root} is a file; give the directory that holds the dataset")
+    for k in ("train_list", "test_list"):
+        if getattr(cfg, k) is not None and not os.path.isfile(getattr(cfg, k)):
+            raise DataError(f"{flag(k)} {getattr(cfg, k)} does not exist; give the split list file or leave it out")
+    check_writable_dir(cfg.out)
     if cfg.method != "allnc++":
         cfg.wb_stage2_epochs = 0
     return cfg
@@ -521,14 +580,23 @@ class Data:
     def n_train(self):
         return len(self.xtr) if hasattr(self, "xtr") else self.ntr
 
-    def train_batches(self, epoch, views, bs=None):
+    def train_batches(self, epoch, views, bs=None, start=0, gen_state=None):
+        """The epoch's batches from batch `start` on; the tensor path's augmentation generator
+        continues from gen_state (what gen_state() returned when the epoch was stopped)."""
         cfg = self.cfg
         bs = bs or cfg.batch_size
         if cfg.loader == "tensor":
+            self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch + 7)
+            if gen_state is not None:
+                self.gen.set_state(gen_state)
             return data_lt.tensor_loader(self.xtr, self.ytr, self.info, bs, cfg.seed, epoch, views,
-                                         cfg.augment, cfg.randaug, cfg.autoaugment, cfg.cutout)
-        batches = data_lt.epoch_batches(self.n_train(), bs, cfg.seed, epoch)
+                                         cfg.augment, cfg.randaug, cfg.autoaugment, cfg.cutout, self.gen, start)
+        self.gen = None
+        batches = data_lt.epoch_batches(self.n_train(), bs, cfg.seed, epoch)[start:]
         return data_lt.pil_loader(self.pil, batches, cfg.workers, cfg.seed, epoch, self.device)
+
+    def gen_state(self):
+        return self.gen.get_state() if self.gen is not None else None
 
     def plain(self, train):
         """Un-augmented (images, labels) batches of the training or test set."""
@@ -746,9 +814,18 @@ class NonFinite(Exception):
     pass
 
 
-def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=False):
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: the epoch stopped after a step; args[0] is the state to resume it."""
+
+
+STOP = {"signal": None}        # set by the signal handler; read between steps (a Python flag, no sync)
+
+
+def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=False, resume=None):
     """One epoch (stage_epoch is 1-based within its stage); returns the epoch's mean loss terms
-    and images/s. Loss terms stay on the device; they are read once, at the end of the epoch."""
+    and images/s. Loss terms stay on the device; they are read once, at the end of the epoch.
+    A pending signal stops it after the current step (Preempted carries the partial state);
+    resume = that state continues the epoch exactly where it stopped."""
     cfg = st.cfg
     views = 1 if stage2 else VIEWS[cfg.method]
     step_fn = step_stage2 if stage2 else STEPS[cfg.method]
@@ -759,9 +836,14 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
     st.mix_rng = np.random.RandomState((cfg.seed * 100003 + epoch) % 2**32)
     for g in opt.param_groups:
         g["lr"] = lr
-    sums, first_bad, n, imgs = None, None, 0, 0
-    t0 = time.time()
-    for i, (xs, y) in enumerate(data.train_batches(epoch, views)):
+    sums, first_bad, n, imgs, keys, start, gen_state, spent = None, None, 0, 0, None, 0, None, 0.0
+    if resume:
+        sums, first_bad, n, imgs, keys = (resume[k] for k in ("sums", "first_bad", "n", "imgs", "keys"))
+        start, gen_state, spent = resume["step"], resume["gen_state"], resume["time"]
+        st.mix_rng.set_state(resume["mix_state"])
+    t0 = time.time() - spent
+    batches = data.train_batches(epoch, views, start=start, gen_state=gen_state)
+    for i, (xs, y) in enumerate(batches, start=start):
         with st.autocast():
             loss, terms = step_fn(model, xs, y, st)
         opt.zero_grad(set_to_none=True)
@@ -783,6 +865,10 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
         sums += torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)
         n += 1
         imgs += len(y) * views
+        if STOP["signal"] is not None:
+            raise Preempted({"epoch": epoch, "step": i + 1, "sums": sums, "first_bad": first_bad, "n": n,
+                             "imgs": imgs, "keys": keys, "gen_state": data.gen_state(), "mix_state": st.mix_rng.get_state(),
+                             "time": time.time() - t0})
     if n == 0:
         raise DataError(f"the training set ({data.n_train()} images) is smaller than one batch "
                         f"({cfg.batch_size}); lower --batch-size")
@@ -821,13 +907,27 @@ def make_optimizer(model, cfg, stage2=False):
 # ==============================================================================================
 # Results on disk: atomic JSON and checkpoints, resume
 
+class WriteError(Exception):
+    """Saving failed (disk full, I/O error); what was on disk before is intact."""
+
+
 def atomic_write(path, write):
+    """Write to a temporary file, fsync, then rename over `path`: a reader sees the old file or
+    the new one, never a part. On an OS error the temporary file is removed and `path` untouched."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise WriteError(f"could not write {path} ({e.strerror or e}); the previous checkpoint and finished "
+                         f"results are intact: free space or fix the disk, then run the same command to resume") from None
     try:
         dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         os.fsync(dfd)
@@ -872,13 +972,61 @@ def pick_device(name):
     return dev
 
 
+class Interrupted(Exception):
+    """The run stopped on SIGTERM/SIGINT after writing a checkpoint; args: (message, exit code)."""
+
+
+def on_signal(signum, frame):
+    """First SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second one: default action."""
+    STOP["signal"] = signum
+    signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+
+def acquire_lock(path):
+    """An exclusive lock that dies with its holder (fcntl); None if another process holds it."""
+    import fcntl
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        f.close()
+        return None
+
+
 def run(cfg, quiet=False):
-    """Train and evaluate one configuration; returns the result dict (also written to --out)."""
+    """Train and evaluate one configuration; returns the result dict (also written to --out), or
+    None if another process is training the same configuration into the same --out."""
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     device = pick_device(cfg.device)
     name = run_name(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     res_path, ck_path = os.path.join(cfg.out, name + ".json"), os.path.join(cfg.out, name + ".ckpt")
+    lock = acquire_lock(os.path.join(cfg.out, name + ".lock"))
+    if lock is None:
+        say(f"skip (running elsewhere): another process is training {name} into {cfg.out}")
+        return None
+    try:
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:            # not the main thread: no handlers, no graceful stop
+        handlers = {}
+    STOP["signal"] = None
+    try:
+        return train_run(cfg, name, res_path, ck_path, device, say)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        lock.close()
+
+
+def save_checkpoint(ck_path, cfg, epoch, log, model, opt, st, partial=None):
+    ck = {"config": dataclasses.asdict(cfg), "epoch": epoch, "log": log, "model": model.state_dict(),
+          "opt": opt.state_dict(), "scaler": st.scaler.state_dict() if st.scaler else None,
+          "maxnorm_cap": st.maxnorm_cap, "partial": partial}
+    atomic_write(ck_path, lambda f: torch.save(ck, f))
+
+
+def train_run(cfg, name, res_path, ck_path, device, say):
     if os.path.exists(res_path) and not cfg.force:
         done = load_result(res_path)
         if done:
@@ -896,33 +1044,40 @@ def run(cfg, quiet=False):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
-    log, start = [], 1
+    log, start, partial = [], 1, None
     ck = None if cfg.force else (load_checkpoint(ck_path, cfg) if os.path.exists(ck_path) else None)
     total_epochs = cfg.epochs + cfg.wb_stage2_epochs
     if ck:
+        partial = ck.get("partial")
         model.load_state_dict(ck["model"])
-        if ck["epoch"] > cfg.epochs:
+        if (partial["epoch"] if partial else ck["epoch"]) > cfg.epochs:      # the saved optimizer is stage 2's
             opt = make_optimizer(model, cfg, stage2=True)
         opt.load_state_dict(ck["opt"])
         if st.scaler and ck.get("scaler"):
             st.scaler.load_state_dict(ck["scaler"])
         log, start = ck["log"], ck["epoch"] + 1
         st.maxnorm_cap = ck.get("maxnorm_cap")
-        say(f"resuming {name} from epoch {ck['epoch']}")
+        say(f"resuming {name} from epoch {ck['epoch']}" + (f", step {partial['step']} of epoch {partial['epoch']}"
+                                                            if partial else ""))
     fwd = torch.compile(model) if cfg.compile else model     # attributes still reach the modules
     steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
     say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}, "
         f"amp {st.dtype or 'off'}, loader {cfg.loader}")
     for epoch in range(start, total_epochs + 1):
         stage2 = epoch > cfg.epochs
-        if stage2 and epoch == cfg.epochs + 1:
+        if not partial and epoch == cfg.epochs + 1 and stage2:
             opt = make_optimizer(model, cfg, stage2=True)
-        if cfg.method == "allnc++" and (epoch == cfg.epochs + 1 or (epoch == 1 and cfg.maxnorm_stage1)):
+        if not partial and cfg.method == "allnc++" and (epoch == cfg.epochs + 1 or (epoch == 1 and cfg.maxnorm_stage1)):
             st.maxnorm_cap = maxnorm_cap(model.head.fc.weight, cfg.maxnorm, cfg.maxnorm_mode)   # per stage
         st.eta = eta_for(cfg, min(epoch, cfg.epochs))
         e = epoch - cfg.epochs if stage2 else epoch
         n_ep = cfg.wb_stage2_epochs if stage2 else cfg.epochs
-        row, _ = train_epoch(model if not cfg.compile else fwd, opt, data, st, epoch, e, n_ep, stage2)
+        try:
+            row, _ = train_epoch(model if not cfg.compile else fwd, opt, data, st, epoch, e, n_ep, stage2, partial)
+        except Preempted as p:
+            save_checkpoint(ck_path, cfg, epoch - 1, log, model, opt, st, p.args[0])
+            stop(f"at epoch {epoch}, step {p.args[0]['step']} of {steps}", ck_path)
+        partial = None
         row = {"epoch": epoch, "stage": 2 if stage2 else 1} | ({"eta": st.eta} if cfg.method.startswith("allnc") else {}) | row
         last = epoch == total_epochs
         if last or epoch % max(cfg.eval_every, 1) == 0:
@@ -931,10 +1086,9 @@ def run(cfg, quiet=False):
             row["nc"] = train_nc_metrics(model, data, st)
         log.append(row)
         say(progress_line(row, total_epochs))
-        ck = {"config": dataclasses.asdict(cfg), "epoch": epoch, "log": log, "model": model.state_dict(),
-              "opt": opt.state_dict(), "scaler": st.scaler.state_dict() if st.scaler else None,
-              "maxnorm_cap": st.maxnorm_cap}
-        atomic_write(ck_path, lambda f: torch.save(ck, f))
+        save_checkpoint(ck_path, cfg, epoch, log, model, opt, st)
+        if STOP["signal"] is not None and not last:
+            stop(f"after epoch {epoch}", ck_path)
     final = evaluate(model, data, st)
     final["nc"] = train_nc_metrics(model, data, st, icpa=True)
     result = {"version": 2, "name": name, "config": dataclasses.asdict(cfg), "counts": data.counts,
@@ -944,6 +1098,12 @@ def run(cfg, quiet=False):
     if os.path.exists(ck_path):
         os.remove(ck_path)
     return result
+
+
+def stop(where, ck_path):
+    sig = STOP["signal"]
+    raise Interrupted(f"stopped by {signal.Signals(sig).name} {where}; checkpoint written to {ck_path}; "
+                      f"run the same command to resume", 128 + sig)
 
 
 def progress_line(r, total):
@@ -1242,18 +1402,18 @@ def shot_table(entries, W=13):
 # Figures (matplotlib is optional)
 
 def plot(paths, out_dir):
+    runs = []
+    for p in paths:                       # the files first: a wrong file is the likelier mistake
+        r = load_result(p)
+        if r is None:
+            raise DataError(f"{p} is not a finished result JSON of allnc.py (missing, partial or another file)")
+        runs.append(upgrade_result(r))
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise DataError("--plot needs matplotlib: pip install matplotlib") from None
-    runs = []
-    for p in paths:
-        r = load_result(p)
-        if r is None:
-            raise DataError(f"{p} is not a finished result JSON of allnc.py")
-        runs.append(r)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     vmax = max(abs(v - math.degrees(math.acos(-1 / (len(r["counts"]) - 1))))   # one colour scale for all
@@ -1415,6 +1575,9 @@ def main(argv=None):
         if extra["tables"]:
             if not os.path.isdir(extra["tables"]):
                 raise DataError(f"{extra['tables']} is not a directory of result JSONs")
+            if not collect(extra["tables"])[0]:
+                raise DataError(f"{extra['tables']} holds no finished result; run allnc.py or run_all.sh with "
+                                f"--out / RESULTS={extra['tables']} first")
             print_tables(extra["tables"])
             return 0
         if extra["plot"]:
@@ -1427,20 +1590,30 @@ def main(argv=None):
             return 0
         result = run(cfg)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e).strip()
+        if "Traceback" in msg:     # raised in a DataLoader worker: keep our own last line
+            msg = msg.splitlines()[-1].split("DataError: ", 1)[-1]
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     except NonFinite as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 74
+    except Interrupted as e:
+        print(f"\n{e.args[0]}", file=sys.stderr)
+        return e.args[1]
     except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to resume from the last finished epoch", file=sys.stderr)
+        print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    if result is None:            # another process trains this configuration
+        return 0
     print()
     print(run_table(result))
     return 0
 
 
 if __name__ == "__main__":
-    import signal
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)     # `| head` ends quietly
     sys.exit(main())

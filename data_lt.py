@@ -114,12 +114,31 @@ def long_tail_indices(labels, counts, mode="ldam", seed=0):
 # ----------------------------------------------------------------------------------------------
 # Loading CIFAR-scale sets as uint8 tensors (N, C, H, W) and int64 labels
 
+def _cifar_corrupt(cls, root):
+    """The first file of a torchvision CIFAR folder that exists but fails its MD5 check, or None."""
+    import torchvision.datasets.cifar as tvc
+    folder = os.path.join(root, cls.base_folder)
+    for name, md5 in cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])]:
+        path = os.path.join(folder, name)
+        if os.path.exists(path) and not tvc.check_integrity(path, md5):
+            return path
+    return None
+
+
 def _cifar(dataset, root, train, download):
+    import pickle
     from torchvision.datasets import CIFAR10, CIFAR100
     cls = CIFAR10 if dataset == "cifar10" else CIFAR100
     folder = os.path.join(root, cls.base_folder)
+    bad = _cifar_corrupt(cls, root)
+    if bad:
+        raise DataError(f"{dataset}: {bad} is corrupt (truncated or altered: its MD5 differs from torchvision's); "
+                        f"delete {folder} and download again ({cls.url}, extracted into {root})")
     try:
         ds = cls(root, train=train, download=False)
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError) as e:
+        raise DataError(f"{dataset}: a file under {folder} is corrupt ({type(e).__name__}); delete {folder} and "
+                        f"download again ({cls.url})") from None
     except RuntimeError:
         if not download:
             raise DataError(f"{dataset} not found under {folder}; put the python-version CIFAR files there "
@@ -568,11 +587,12 @@ def epoch_batches(n, batch_size, seed, epoch, drop_last=True):
 
 
 def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, randaug="timm", autoaugment=False,
-                  cutout_px=0):
-    """Yield (views, labels) batches of a device-resident uint8 training set. Random decisions
-    come from a CPU generator seeded by (seed, epoch): the same on every device, and on resume."""
-    gen = torch.Generator().manual_seed(seed * 100003 + epoch + 7)
-    for idx in epoch_batches(len(x), batch_size, seed, epoch):
+                  cutout_px=0, gen=None, start=0):
+    """Yield (views, labels) batches of a device-resident uint8 training set, from batch `start` on.
+    Random decisions come from a CPU generator, by default seeded by (seed, epoch): the same on
+    every device, and on resume (pass the stopped epoch's generator state as gen)."""
+    gen = gen if gen is not None else torch.Generator().manual_seed(seed * 100003 + epoch + 7)
+    for idx in epoch_batches(len(x), batch_size, seed, epoch)[start:]:
         idx = idx.to(x.device)
         xb = x[idx]
         if augment:
@@ -672,8 +692,11 @@ class ListDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
         path, label = self.samples[i]
-        with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f).convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:       # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read image {path} ({type(e).__name__}); replace or remove it") from None
         return (*[self.tf(img) for _ in range(self.views)], label)
 
 
@@ -690,12 +713,20 @@ def folder_transforms(info, train, size=None, randaug="timm"):
 
 
 def _read_list(root, list_file):
+    """(path, label) pairs of a split list ('relative/path label' per line); every file must exist."""
     samples = []
     with open(list_file) as f:
-        for line in f:
+        for k, line in enumerate(f, 1):
             if line.strip():
-                path, label = line.rsplit(maxsplit=1)
-                samples.append((os.path.join(root, path), int(label)))
+                try:
+                    path, label = line.rsplit(maxsplit=1)
+                    samples.append((os.path.join(root, path), int(label)))
+                except ValueError:
+                    raise DataError(f"{list_file} line {k} is not 'path label': {line.strip()!r}") from None
+    missing = [p for p, _ in samples if not os.path.exists(p)]
+    if missing:
+        raise DataError(f"{list_file} names {len(missing)} file(s) missing under {root}, e.g. {missing[0]}; "
+                        f"check --data-root or the list")
     return samples
 
 

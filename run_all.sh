@@ -145,6 +145,8 @@ worker() {  # worker w runs every JOBS-th configuration
     $PYTHON allnc.py $args $SCALE_ARGS $EXTRA --seed "$seed" --out "$RESULTS" > "$log" 2>&1
     rc=$?
     if [ $rc = 0 ] && grep -q '^skip (done)' "$log"; then echo "[$k/${#RUNS[@]}] $table: $args seed $seed: skip (done)"
+    elif [ $rc = 0 ] && grep -q '^skip (running elsewhere)' "$log"; then
+      echo "[$k/${#RUNS[@]}] $table: $args seed $seed: skip (another process is training it into $RESULTS)"
     elif [ $rc = 0 ]; then echo "[$k/${#RUNS[@]}] $table: $args seed $seed: $(grep -m1 '^| top1' "$log" | tr -s ' ')"
     else echo "[$k/${#RUNS[@]}] $table: $args seed $seed: FAILED (exit $rc): $(tail -n1 "$log")"; echo "$log" >> "$FAILED"; fi
   done

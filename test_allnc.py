@@ -1,6 +1,7 @@
 """Tests of the AllNC reproduction: losses against hand-computed values and known optima, splits,
 the real loaders on tiny files, NC metrics against an independent float64 computation, training,
 resume, bad input, and run_all.sh. Run: python -m pytest -q test_allnc.py"""
+import dataclasses
 import json
 import math
 import os
@@ -970,3 +971,164 @@ def test_cutout_and_autoaugment_per_image():
     aa = data_lt.auto_augment(xs, torch.Generator().manual_seed(1))
     changed = (aa != xs).flatten(1).any(1)
     assert aa.shape == xs.shape and aa.dtype == torch.uint8 and 0 < changed.sum() < 64
+
+# ----------------------------------------------------------------------------------------------
+# Bad input and faults (issue 12)
+
+BAD_VALUES = {   # field -> invalid command-line values (every Config field that takes a value)
+    "imb": ["0.5", "inf", "nan", "-1"], "seed": ["-1", str(2 ** 31)], "epochs": ["0", "-3", "1.5"],
+    "batch_size": ["0", "x"], "lr": ["0", "-0.1", "nan", "inf"], "wd": ["-1", "nan"], "momentum": ["1", "-0.1"],
+    "warmup": ["-1"], "warmup_start": ["1.5", "-0.5"], "lr_step_factor": ["0", "2"], "lr_steps": ["a,b"],
+    "depth": ["30", "2"], "width": ["0"], "proj_dim": ["0"], "pred_hidden": ["0"], "gamma": ["0", "inf"],
+    "alpha": ["-1", "nan"], "grw_rho": ["-1"], "mean_momentum": ["1.5"], "maxnorm": ["0"],
+    "wb_stage2_epochs": ["-1"], "wb_stage2_lr": ["0"], "wb_stage2_wd": ["-1"], "wb_cb_beta": ["1", "0"],
+    "rbl_tau": ["-1"], "ncmc_f": ["1"], "ncmc_theta": ["0", "2"], "mixup": ["-1"], "cutout": ["-1"],
+    "workers": ["-1"], "eval_every": ["0"], "nc_every": ["-1"], "out": ["/proc/nope", "FILE"],
+    "data_root": ["FILE"], "train_list": ["MISSING"], "test_list": ["MISSING"], "name": ["a/b", ".x"],
+    "device": ["foo", "cuda"], "dataset": ["imagenet"], "method": ["foo"], "imb_type": ["foo"], "arch": ["foo"],
+    "grw_reduction": ["foo"], "p2p_space": ["foo"], "randaug": ["foo"], "lt_subset": ["foo"], "loader": ["foo"],
+    "amp": ["foo"], "heads": ["3"], "proj": ["foo"], "maxnorm_mode": ["foo"], "maxnorm_every": ["foo"],
+    "ncmc_centers": ["foo"], "lr_schedule": ["foo"], "recipe": ["foo"],
+}
+BAD_COMBINATIONS = [["--dataset", "cifar100", "--method", "etf", "--width", "16"],
+                    ["--dataset", "imagenet_lt", "--loader", "tensor"], ["--method", "allnc", "--recipe", "own"],
+                    ["--method", "allnc", "--mixup", "1"]]
+
+
+def test_every_field_rejects_its_invalid_values(tmp_path, capsys):
+    valued = {f.name for f in dataclasses.fields(allnc.Config) if f.type not in (bool, "bool")}
+    assert valued <= set(BAD_VALUES), f"no invalid values listed for {valued - set(BAD_VALUES)}"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [[f"--{k.replace('_', '-')}", {"FILE": str(afile), "MISSING": str(tmp_path / "none.txt")}.get(v, v)]
+             for k, vals in BAD_VALUES.items() for v in vals] + BAD_COMBINATIONS
+    out = tmp_path / "out"
+    for args in cases:
+        argv = ["--dataset", "synthetic", "--out", str(out), *args]
+        try:
+            rc = allnc.main(argv)
+        except SystemExit as e:        # argparse: bad choice or type
+            rc = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error:"), (args, rc, err)
+        assert not out.exists() and sorted(os.listdir(tmp_path)) == ["afile"], args       # nothing written
+    print(f"{len(BAD_VALUES)} fields, {len(cases)} invalid inputs")
+    for args in (["--imb", "inf"], ["--lr", "nan"], ["--out", "/proc/nope"]):    # the real command line
+        r = cli("allnc.py", "--dataset", "synthetic", *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_cifar_is_named_corrupt_not_missing(tmp_path):
+    write_cifar(str(tmp_path), 10, 2, "cifar10")          # tiny files: they fail torchvision's MD5 check
+    with pytest.raises(data_lt.DataError, match=r"data_batch_1 is corrupt .*download again"):
+        data_lt.load_tensor_dataset("cifar10", str(tmp_path), True, download=False)
+    r = cli("allnc.py", "--dataset", "cifar10", "--data-root", str(tmp_path), "--no-download", "--epochs", "1",
+            "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "corrupt" in r.stderr and "not found" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_image_and_missing_list_entry_are_named(tmp_path):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in range(2):
+            d = tmp_path / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (c * 100, i, 0)).save(d / f"{i}.png")
+    (tmp_path / "train" / "c1" / "2.png").write_bytes(b"not an image")
+    r = cli("allnc.py", "--dataset", "imagenet_lt", "--data-root", str(tmp_path), "--method", "ce", "--epochs", "1",
+            "--batch-size", "6", "--imb", "1", "--workers", "1", "--device", "cpu", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "c1/2.png" in r.stderr      # named, from a worker
+    lst = tmp_path / "list.txt"
+    lst.write_text("train/c0/0.png 0\ntrain/c0/9.png 0\n")
+    with pytest.raises(data_lt.DataError, match="1 file.* missing .*c0/9.png"):
+        data_lt.folder_samples("imagenet_lt", str(tmp_path), True, train_list=str(lst))
+
+
+def test_sigterm_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    cfg_a = tiny_cfg(tmp_path / "a", epochs=3, nc_every=2, name="r")
+    full = allnc.run(cfg_a, quiet=True)
+    real = allnc.STEPS["allnc"]
+    calls = {"n": 0}
+
+    def signalled(*a):        # the handler's effect, deterministically at epoch 2, step 5
+        calls["n"] += 1
+        if calls["n"] == len(data_lt.epoch_batches(full["n_train"], 64, 0, 0)) + 5:
+            allnc.on_signal(signal.SIGTERM, None)
+        return real(*a)
+    monkeypatch.setitem(allnc.STEPS, "allnc", signalled)
+    cfg_b = tiny_cfg(tmp_path / "b", epochs=3, nc_every=2, name="r")
+    old = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(allnc.Interrupted) as e:
+        allnc.run(cfg_b, quiet=True)
+    assert signal.getsignal(signal.SIGTERM) == old                      # handlers restored
+    assert e.value.args[1] == 143 and "epoch 2, step 5" in e.value.args[0] and "resume" in e.value.args[0]
+    ck = torch.load(tmp_path / "b" / "r.ckpt", weights_only=False)
+    assert ck["epoch"] == 1 and ck["partial"]["step"] == 5
+    monkeypatch.setitem(allnc.STEPS, "allnc", real)
+    again = allnc.run(tiny_cfg(tmp_path / "b", epochs=3, nc_every=2, name="r"), quiet=True)
+    assert again["final"] == full["final"]
+    strip = lambda log: [{k: v for k, v in r.items() if k not in ("img_per_s", "time")} for r in log]
+    assert strip(again["log"]) == strip(full["log"])
+
+
+def test_real_sigterm_exits_143_and_resumes(tmp_path):
+    args = ["allnc.py", "--dataset", "synthetic", "--imb", "10", "--epochs", "6", "--depth", "8", "--nc-every", "0",
+            "--device", "cpu", "--name", "r", "--out", str(tmp_path)]
+    proc = subprocess.Popen([PY, *args], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ck, t0 = tmp_path / "r.ckpt", time.time()
+    while time.time() - t0 < 120 and not ck.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and "stopped by SIGTERM" in err and "run the same command" in err, err
+    assert not (tmp_path / "r.json").exists()
+    again = cli(*args)
+    assert again.returncode == 0 and "resuming r from epoch" in again.stdout
+
+
+def test_second_process_on_the_same_run_skips(tmp_path):
+    import fcntl
+    cfg = tiny_cfg(tmp_path, epochs=1, nc_every=0, name="r")
+    with open(tmp_path / "r.lock", "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        r = cli("allnc.py", "--dataset", "synthetic", "--imb", "10", "--epochs", "1", "--depth", "8", "--name", "r",
+                "--device", "cpu", "--out", str(tmp_path))
+        assert r.returncode == 0 and r.stdout.startswith("skip (running elsewhere)")
+        assert not (tmp_path / "r.json").exists()
+    assert allnc.run(cfg, quiet=True)["complete"]                  # the lock died with its holder
+
+
+def test_disk_full_keeps_previous_checkpoint_and_result(tmp_path, monkeypatch):
+    import errno
+    cfg = tiny_cfg(tmp_path, epochs=3, nc_every=0, name="r")
+    real_save, n = torch.save, {"calls": 0}
+
+    def full_disk(obj, f):
+        n["calls"] += 1
+        if n["calls"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(allnc.WriteError, match="No space left on device.*intact"):
+        allnc.run(cfg, quiet=True)
+    ck = torch.load(tmp_path / "r.ckpt", weights_only=False)
+    assert ck["epoch"] == 1 and os.listdir(tmp_path) and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    monkeypatch.setattr(torch, "save", real_save)
+    done = allnc.run(cfg, quiet=True)
+    before = (tmp_path / "r.json").read_text()
+    monkeypatch.setattr(allnc.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(allnc.WriteError):
+        allnc.save_json(str(tmp_path / "r.json"), {"complete": False})
+    assert (tmp_path / "r.json").read_text() == before and done["complete"]
+
+
+def test_tables_on_empty_dir_and_plot_on_wrong_file(tmp_path):
+    r = cli("allnc.py", "--tables", str(tmp_path))
+    assert r.returncode == 2 and "no finished result" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "x.json").write_text("{}")
+    r = cli("allnc.py", "--plot", str(tmp_path / "x.json"), "--out", str(tmp_path / "f"))
+    assert r.returncode == 2 and "not a finished result" in r.stderr and "matplotlib" not in r.stderr
