@@ -172,6 +172,8 @@ def feature_dim(cfg):
     return 4 * cfg.width if cfg.arch == "resnet_cifar" else 2048
 
 
+ICPA_JSON_MAX = 100      # classes up to which the ICPA matrices stay inside the result JSON
+
 # Protocol defaults by dataset (README: "Which ResNet-32, which RandAugment?").
 WIDTH_DEFAULT = {"cifar10": 64, "cifar100": 64}      # GLMC's ResNet-32 (nf=64); fmnist/synthetic: 16
 
@@ -364,16 +366,21 @@ def gbbn_cls_loss(logits, y, eta, weights, w_rows, use_p2p, reduction="batch", c
     return eta * ce + (1 - eta) * (re + pw), {"ce": ce, "grw": re, "p2p_w": pw}
 
 
-def cb_loss(logits, y, counts, beta=0.9999):
+def cb_weights(counts, beta=0.9999):
+    """Class-balanced weights (1 - beta) / (1 - beta^N_c), normalised to sum C."""
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    w = (1 - beta) / (1 - beta ** n)
+    return (w / w.sum() * len(n)).float()
+
+
+def cb_loss(logits, y, counts, beta=0.9999, w=None):
     """Class-balanced loss of weight balancing's stage 2 (class_balanced_loss.py, 'softmax'):
     w_c = (1 - beta)/(1 - beta^N_c) normalised to sum C; mean over samples and classes of
     w_{y_i} BCE(softmax(logits)_ic, onehot_ic)."""
     with torch.autocast(logits.device.type, enabled=False):      # CUDA autocast refuses BCE
-        n = torch.as_tensor(counts, dtype=torch.float64, device=logits.device)
-        w = (1 - beta) / (1 - beta ** n)
-        w = (w / w.sum() * len(n)).float()
+        w = cb_weights(counts, beta).to(logits.device) if w is None else w
         p = logits.float().softmax(1)
-        onehot = F.one_hot(y, len(n)).float()
+        onehot = F.one_hot(y, len(w)).float()
         return F.binary_cross_entropy(p, onehot, weight=w[y][:, None].expand_as(p))
 
 
@@ -404,10 +411,11 @@ def ncmc_loss(x, V, mask, k, y, theta, reg=6e-4):
 
 
 def batch_class_means(z, y, C):
-    """Mean of z over each class present in the batch (with gradient) and the present mask."""
-    cnt = torch.bincount(y, minlength=C)
+    """Mean of z over each class present in the batch (with gradient) and the present mask.
+    Counts by index_add_ (bincount on CUDA syncs with the host to size its output)."""
+    cnt = torch.zeros(C, device=z.device, dtype=z.dtype).index_add_(0, y, torch.ones_like(y, dtype=z.dtype))
     sums = torch.zeros(C, z.shape[1], device=z.device, dtype=z.dtype).index_add(0, y, z)
-    return sums / cnt.clamp(min=1)[:, None].to(z.dtype), cnt > 0
+    return sums / cnt.clamp(min=1)[:, None], cnt > 0
 
 # ==============================================================================================
 # One training step per method (a dict from method name to step function, no class hierarchy).
@@ -477,7 +485,7 @@ def mixup(x, y, alpha, rng):
     """Input mixup (Zhang et al.; the ETF code's mixup_data): lam ~ Beta(alpha, alpha) and a random
     pairing, drawn from the numpy RandomState rng (seeded per epoch: resume replays them)."""
     lam = float(rng.beta(alpha, alpha))
-    perm = torch.from_numpy(rng.permutation(len(y))).to(x.device)
+    perm = data_lt.to_device(torch.from_numpy(rng.permutation(len(y))), x.device)
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 
@@ -538,7 +546,7 @@ def build_model(cfg, C, counts, in_channels):
 class Data:
     """Training/test data of one run: counts, and either device tensors or PIL datasets."""
 
-    def __init__(self, cfg, device, smoke_size=16):
+    def __init__(self, cfg, device, smoke_size=16, smoke_n_max=40):
         self.info = info = data_lt.DATASETS[cfg.dataset]
         self.cfg, self.device = cfg, device
         if info.kind == "folder" and not cfg.smoke:
@@ -546,7 +554,7 @@ class Data:
             return
         self.C = info.num_classes
         if cfg.smoke:
-            xtr, ytr, xte, yte, self.counts = smoke_data(cfg, smoke_size)
+            xtr, ytr, xte, yte, self.counts = smoke_data(cfg, smoke_size, smoke_n_max)
             self.info = info = dataclasses.replace(data_lt.DATASETS["synthetic"], num_classes=self.C, size=smoke_size)
         else:
             xtr, ytr = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, True, cfg.download)
@@ -580,23 +588,15 @@ class Data:
     def n_train(self):
         return len(self.xtr) if hasattr(self, "xtr") else self.ntr
 
-    def train_batches(self, epoch, views, bs=None, start=0, gen_state=None):
-        """The epoch's batches from batch `start` on; the tensor path's augmentation generator
-        continues from gen_state (what gen_state() returned when the epoch was stopped)."""
+    def train_batches(self, epoch, views, bs=None, start=0):
+        """The epoch's batches from batch `start` on (the same batches as an uninterrupted epoch)."""
         cfg = self.cfg
         bs = bs or cfg.batch_size
-        if cfg.loader == "tensor":
-            self.gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch + 7)
-            if gen_state is not None:
-                self.gen.set_state(gen_state)
+        if cfg.loader == "tensor":        # the epoch is augmented from its own seed: a restart replays it
             return data_lt.tensor_loader(self.xtr, self.ytr, self.info, bs, cfg.seed, epoch, views,
-                                         cfg.augment, cfg.randaug, cfg.autoaugment, cfg.cutout, self.gen, start)
-        self.gen = None
+                                         cfg.augment, cfg.randaug, cfg.autoaugment, cfg.cutout, start)
         batches = data_lt.epoch_batches(self.n_train(), bs, cfg.seed, epoch)[start:]
         return data_lt.pil_loader(self.pil, batches, cfg.workers, cfg.seed, epoch, self.device)
-
-    def gen_state(self):
-        return self.gen.get_state() if self.gen is not None else None
 
     def plain(self, train):
         """Un-augmented (images, labels) batches of the training or test set."""
@@ -611,10 +611,10 @@ class Data:
             yield x.to(self.device), y.to(self.device)
 
 
-def smoke_data(cfg, size=16):
-    """A tiny generated stand-in for `cfg.dataset` with its classes and LT profile (SCALE=smoke)."""
+def smoke_data(cfg, size=16, n_max=40):
+    """A generated stand-in for `cfg.dataset` with its classes and LT profile: tiny for SCALE=smoke;
+    the benchmark passes the real n_max so that an epoch has the real number of images."""
     C = data_lt.DATASETS[cfg.dataset].num_classes
-    n_max = 40
     counts = [max(2, n) for n in (data_lt.exp_counts(n_max, C, cfg.imb) if cfg.imb_type == "exp"
                                   else data_lt.pareto_counts(C, n_max, max(2, int(n_max / cfg.imb))))]
     g = torch.Generator().manual_seed(1234)
@@ -745,9 +745,13 @@ class TrainState:
     def __init__(self, cfg, data, device):
         self.cfg, self.C, self.counts, self.device = cfg, data.C, data.counts, device
         self.grw = grw_weights(data.counts, cfg.grw_rho).to(device)
+        self.cb_w = cb_weights(data.counts, cfg.wb_cb_beta).to(device)
         self.gram = etf_gram(data.C, device)
         self.eta = 1.0
         self.maxnorm_cap = None      # allnc++: MaxNorm's cap for the current stage (None: off)
+        self.step = STEPS[cfg.method]
+        if cfg.compile:              # the whole step: model, heads and losses (fixed shapes, no syncs)
+            self.step = torch.compile(self.step)
         self.mix_rng = np.random.RandomState(cfg.seed)    # mixup draws; re-seeded at every epoch
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -828,7 +832,7 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
     resume = that state continues the epoch exactly where it stopped."""
     cfg = st.cfg
     views = 1 if stage2 else VIEWS[cfg.method]
-    step_fn = step_stage2 if stage2 else STEPS[cfg.method]
+    step_fn = step_stage2 if stage2 else st.step
     base_lr = cfg.wb_stage2_lr if stage2 else cfg.lr
     warm = 0 if stage2 else warmup_epochs(cfg)
     lr = lr_at(stage_epoch - 1, stage_epochs, base_lr, warm, *(("cosine",) if stage2 else
@@ -836,13 +840,13 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
     st.mix_rng = np.random.RandomState((cfg.seed * 100003 + epoch) % 2**32)
     for g in opt.param_groups:
         g["lr"] = lr
-    sums, first_bad, n, imgs, keys, start, gen_state, spent = None, None, 0, 0, None, 0, None, 0.0
+    sums, first_bad, n, imgs, keys, start, spent = None, None, 0, 0, None, 0, 0.0
     if resume:
         sums, first_bad, n, imgs, keys = (resume[k] for k in ("sums", "first_bad", "n", "imgs", "keys"))
-        start, gen_state, spent = resume["step"], resume["gen_state"], resume["time"]
+        start, spent = resume["step"], resume["time"]
         st.mix_rng.set_state(resume["mix_state"])
     t0 = time.time() - spent
-    batches = data.train_batches(epoch, views, start=start, gen_state=gen_state)
+    batches = data.train_batches(epoch, views, start=start)
     for i, (xs, y) in enumerate(batches, start=start):
         with st.autocast():
             loss, terms = step_fn(model, xs, y, st)
@@ -867,7 +871,7 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
         imgs += len(y) * views
         if STOP["signal"] is not None:
             raise Preempted({"epoch": epoch, "step": i + 1, "sums": sums, "first_bad": first_bad, "n": n,
-                             "imgs": imgs, "keys": keys, "gen_state": data.gen_state(), "mix_state": st.mix_rng.get_state(),
+                             "imgs": imgs, "keys": keys, "mix_state": st.mix_rng.get_state(),
                              "time": time.time() - t0})
     if n == 0:
         raise DataError(f"the training set ({data.n_train()} images) is smaller than one batch "
@@ -893,7 +897,7 @@ def step_stage2(model, views, y, st):
         feat = model.encoder(views[0]).float()
     with torch.autocast(feat.device.type, enabled=False):
         logits, _ = model.head(feat)
-    loss = cb_loss(logits, y, st.counts, st.cfg.wb_cb_beta)
+    loss = cb_loss(logits, y, st.counts, st.cfg.wb_cb_beta, st.cb_w)
     return loss, {"cb": loss}
 
 
@@ -902,7 +906,9 @@ def make_optimizer(model, cfg, stage2=False):
         params, lr, wd = model.head.parameters(), cfg.wb_stage2_lr, cfg.wb_stage2_wd
     else:
         params, lr, wd = model.parameters(), cfg.lr, cfg.wd
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov and not stage2)
+    cuda = next(model.parameters()).is_cuda
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov and not stage2,
+                           fused=cuda or None)     # fused on CUDA: one kernel, and no GradScaler sync
 
 # ==============================================================================================
 # Results on disk: atomic JSON and checkpoints, resume
@@ -1059,7 +1065,6 @@ def train_run(cfg, name, res_path, ck_path, device, say):
         st.maxnorm_cap = ck.get("maxnorm_cap")
         say(f"resuming {name} from epoch {ck['epoch']}" + (f", step {partial['step']} of epoch {partial['epoch']}"
                                                             if partial else ""))
-    fwd = torch.compile(model) if cfg.compile else model     # attributes still reach the modules
     steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
     say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}, "
         f"amp {st.dtype or 'off'}, loader {cfg.loader}")
@@ -1073,7 +1078,7 @@ def train_run(cfg, name, res_path, ck_path, device, say):
         e = epoch - cfg.epochs if stage2 else epoch
         n_ep = cfg.wb_stage2_epochs if stage2 else cfg.epochs
         try:
-            row, _ = train_epoch(model if not cfg.compile else fwd, opt, data, st, epoch, e, n_ep, stage2, partial)
+            row, _ = train_epoch(model, opt, data, st, epoch, e, n_ep, stage2, partial)
         except Preempted as p:
             save_checkpoint(ck_path, cfg, epoch - 1, log, model, opt, st, p.args[0])
             stop(f"at epoch {epoch}, step {p.args[0]['step']} of {steps}", ck_path)
@@ -1091,6 +1096,10 @@ def train_run(cfg, name, res_path, ck_path, device, say):
             stop(f"after epoch {epoch}", ck_path)
     final = evaluate(model, data, st)
     final["nc"] = train_nc_metrics(model, data, st, icpa=True)
+    if data.C > ICPA_JSON_MAX:     # two C x C matrices: beside the JSON, never loaded by --tables
+        icpa = {k: torch.tensor(final["nc"].pop(k), dtype=torch.float16) for k in ("icpa_mu", "icpa_w")}
+        atomic_write(res_path[:-5] + ".icpa.pt", lambda f: torch.save(icpa, f))
+        final["nc"]["icpa_file"] = os.path.basename(res_path[:-5] + ".icpa.pt")
     result = {"version": 2, "name": name, "config": dataclasses.asdict(cfg), "counts": data.counts,
               "n_train": data.n_train(), "device": str(device), "log": log, "final": final,
               "best": best_epoch(log), "complete": True}
@@ -1407,6 +1416,13 @@ def plot(paths, out_dir):
         r = load_result(p)
         if r is None:
             raise DataError(f"{p} is not a finished result JSON of allnc.py (missing, partial or another file)")
+        nc = r["final"]["nc"]
+        if "icpa_file" in nc:           # large C: the matrices live beside the JSON
+            icpa_path = os.path.join(os.path.dirname(os.path.abspath(p)), nc["icpa_file"])
+            try:
+                nc.update({k: v.float().tolist() for k, v in torch.load(icpa_path, weights_only=True).items()})
+            except (OSError, RuntimeError):
+                raise DataError(f"{icpa_path} (the ICPA matrices of {p}) is missing or unreadable") from None
         runs.append(upgrade_result(r))
     try:
         import matplotlib
@@ -1452,87 +1468,113 @@ def plot(paths, out_dir):
 # (c) the same with the PIL loader. Images are counted per view.
 
 def benchmark(cfg, steps=20, warm=5):
+    """images/s of (a) the bare model's fwd+bwd, (b) the full training step on the tensor path
+    (batches sliced from the epoch's pre-augmented views), (aug) the per-epoch augmentation,
+    (c) the full step with the PIL loader; steps/s and the projected wall time of the whole run."""
     device = pick_device(cfg.device)
     cfg.method = cfg.method if cfg.method.startswith("allnc") else "allnc"
     cfg.loader = "tensor"
-    data = Data(cfg, device, smoke_size=data_lt.DATASETS[cfg.dataset].size)   # --smoke: stand-in at real size
+    info0 = data_lt.DATASETS[cfg.dataset]
+    data = Data(cfg, device, smoke_size=info0.size, smoke_n_max=info0.n_max)   # --smoke: real size and count
     st = TrainState(cfg, data, device)
-    info = data.info
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
+    info, V = data.info, VIEWS[cfg.method]
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    def timed(fn, it):
+    def timed(fn, it, n_steps=steps):
         for _ in range(warm):
             fn(next(it))
         sync()
         t = time.time()
-        n = 0
-        for _ in range(steps):
-            n += fn(next(it))
+        n = sum(fn(next(it)) for _ in range(n_steps))
         sync()
         return n / (time.time() - t)
 
     torch.manual_seed(0)
     model = build_model(cfg, data.C, data.counts, data.in_channels).to(device)
-    if device.type == "cuda":
+    if cuda:
         model = model.to(memory_format=torch.channels_last)
-    fwd = torch.compile(model) if cfg.compile else model
-    B = cfg.batch_size * VIEWS[cfg.method]
+    B = cfg.batch_size * V
     x = torch.randn(B, data.in_channels, info.size, info.size, device=device)
     y = torch.randint(data.C, (B,), device=device)
 
     def bare(inp):
         model.zero_grad(set_to_none=True)
         with st.autocast():
-            loss = F.cross_entropy(fwd(inp)[1].float(), y)
+            loss = F.cross_entropy(model(inp)[1].float(), y)
         loss.backward()
         return B
 
+    @torch.no_grad()
+    def forward_only(inp):
+        model(inp)
+        return len(inp)
+
     # On CPU the kernels' speed depends on the values (real images run faster than randn), so a
     # second floor uses one fixed real batch: same shape, same values as training, no loading.
-    xs0, _ = next(iter(data.train_batches(0, VIEWS[cfg.method])))
+    xs0, _ = next(iter(data.train_batches(0, V)))
     x_real = torch.cat(xs0)
+
+    gen = torch.Generator().manual_seed(1)
+    sync()
+    t = time.time()                                  # one epoch's augmentation, every view
+    for _ in range(V):
+        data_lt.augment_set(data.xtr, gen, info, cfg.randaug, cfg.autoaugment, cfg.cutout)
+    sync()
+    aug = V * data.n_train() / (time.time() - t)
 
     opt = make_optimizer(model, cfg)
     st.eta = 0.5
+    cold = {}
 
     def full(batch):
         xs, yy = batch
+        t0 = time.time()
         with st.autocast():
-            loss, _ = STEPS[cfg.method](model, xs, yy, st)
+            loss, _ = st.step(model, xs, yy, st)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        cold.setdefault("s", time.time() - t0)         # the first call: compile time with --compile
         return len(yy) * len(xs)
 
     def endless(loader_kind):
         cfg.loader, e = loader_kind, 0
         if loader_kind == "pil":
-            data.pil = data_lt.PILViews(data.xtr.cpu(), data.ytr.cpu(), info, VIEWS[cfg.method], True, cfg.randaug,
+            data.pil = data_lt.PILViews(data.xtr.cpu(), data.ytr.cpu(), info, V, True, cfg.randaug,
                                         cfg.autoaugment, cfg.cutout)
         while True:
             e += 1
-            yield from data.train_batches(e, VIEWS[cfg.method])
+            yield from data.train_batches(e, V)
 
     b = timed(full, endless("tensor"))
-    c = timed(full, endless("pil"))
+    c = timed(full, endless("pil"), max(2, steps // 4))
     a = timed(bare, iter(lambda: x, None))        # last: allocator and kernels are warm for all
     a2 = timed(bare, iter(lambda: x_real, None))
-    peak = (f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA)" if device.type == "cuda" else
+    fwd_rate = timed(forward_only, iter(lambda: x_real, None))
+    b_all = 1 / (1 / b + 1 / aug)                   # the step with the augmentation amortised over it
+    n_steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
+    n_test = 10000                                  # CIFAR's and Fashion-MNIST's test sets
+    evals = cfg.epochs + (cfg.epochs // cfg.nc_every if cfg.nc_every else 0) * data.n_train() / n_test + 1
+    total = cfg.epochs * n_steps * B / b_all + evals * n_test / fwd_rate
+    peak = (f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA)" if cuda else
             f"{__import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS)")
-    print(f"benchmark: {cfg.dataset} (imb {cfg.imb:g}), {cfg.arch}-{cfg.depth} width {cfg.width}, "
-          f"RandAugment {cfg.randaug}, batch {cfg.batch_size} x "
-          f"{VIEWS[cfg.method]} views, device {device}, amp {st.dtype or 'off'}, {steps} timed steps"
-          f"{', compiled' if cfg.compile else ''}, {torch.get_num_threads()} threads, workers {cfg.workers}")
-    print(f"| {'measurement':<40} | {'images/s':>10} |")
-    print(f"| {'(a) bare model fwd+bwd, random tensors':<40} | {a:10.0f} |")
-    label = "(a') bare model fwd+bwd, one real batch"
-    print(f"| {label:<40} | {a2:10.0f} |")
-    print(f"| {'(b) full AllNC step, tensor loader':<40} | {b:10.0f} |")
-    print(f"| {'(c) full AllNC step, PIL loader':<40} | {c:10.0f} |")
-    print(f"b/a = {b / a:.3f}   b/a' = {b / a2:.3f}   b/c = {b / c:.3f}   peak memory {peak}")
-    return {"a": a, "a2": a2, "b": b, "c": c}
+    print(f"benchmark: {cfg.dataset} (imb {cfg.imb:g}, {data.n_train()} images{', stand-in' if cfg.smoke else ''}), "
+          f"{cfg.arch}-{cfg.depth} width {cfg.width}, RandAugment {cfg.randaug}, batch {cfg.batch_size} x {V} views, "
+          f"device {device}, amp {st.dtype or 'off'}, {steps} timed steps{', compiled' if cfg.compile else ''}, "
+          f"{torch.get_num_threads()} threads, workers {cfg.workers}")
+    print(f"| {'measurement':<48} | {'images/s':>10} |")
+    for label, v in (("(a) bare model fwd+bwd, random tensors", a), ("(a') bare model fwd+bwd, one real batch", a2),
+                     ("(b) full AllNC step, tensor path", b), ("(aug) epoch augmentation, all views", aug),
+                     ("(b+aug) full step with augmentation amortised", b_all), ("(c) full AllNC step, PIL loader", c)):
+        print(f"| {label:<48} | {v:10.0f} |")
+    print(f"b/a = {b / a:.3f}   b/a' = {b / a2:.3f}   (b+aug)/a' = {b_all / a2:.3f}   b/c = {b / c:.3f}   "
+          f"steps/s {b_all / B:.2f}   peak memory {peak}" + (f"   cold compile {cold['s']:.1f}s" if cfg.compile else ""))
+    print(f"projected {cfg.epochs}-epoch run: {total / 60:.1f} min ({n_steps} steps/epoch at {b_all / B:.2f} steps/s, "
+          f"plus {evals:.0f} test-set-sized evaluations at {fwd_rate:.0f} images/s)")
+    return {"a": a, "a2": a2, "b": b, "c": c, "aug": aug, "b_all": b_all, "total_s": total}
 
 # ==============================================================================================
 # Command line

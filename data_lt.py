@@ -563,9 +563,9 @@ def to_float(x, mean, std):
     return x.float().div(255).sub(m).div(s)
 
 
-def augment_view(x, gen, info, randaug="timm", pad=4, autoaugment=False, cutout_px=0):
+def augment_view(x, gen, info, randaug="timm", pad=4, autoaugment=False, cutout_px=0, normalise=True):
     """One training view: random crop (pad 4) + flip, [AutoAugment], RandAugment (timm | torchvision
-    | none), [Cutout], then normalisation."""
+    | none), [Cutout], then (normalise=True) normalisation to float."""
     x = random_crop_flip(x, pad, gen)
     if autoaugment:
         x = auto_augment(x, gen)
@@ -575,7 +575,7 @@ def augment_view(x, gen, info, randaug="timm", pad=4, autoaugment=False, cutout_
         x = rand_augment_torchvision(x, gen)
     if cutout_px:
         x = cutout(x, cutout_px, gen)
-    return to_float(x, info.mean, info.std)
+    return to_float(x, info.mean, info.std) if normalise else x
 
 
 def epoch_batches(n, batch_size, seed, epoch, drop_last=True):
@@ -586,20 +586,43 @@ def epoch_batches(n, batch_size, seed, epoch, drop_last=True):
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
+def to_device(t, device):
+    """A CPU tensor onto `device` without making the host wait (pinned memory, non-blocking copy)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def augment_set(x, gen, info, randaug="timm", autoaugment=False, cutout_px=0, chunk=2048):
+    """One augmented view of every image of x (uint8, on its device), in chunks of `chunk` images:
+    a few large batched calls per epoch instead of a few hundred small ones per step. Each image
+    draws independently, so chunking does not change the distribution."""
+    out = torch.empty_like(x)
+    for i in range(0, len(x), chunk):
+        out[i:i + chunk] = augment_view(x[i:i + chunk], gen, info, randaug, 4, autoaugment, cutout_px, normalise=False)
+    return out
+
+
 def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, randaug="timm", autoaugment=False,
-                  cutout_px=0, gen=None, start=0):
+                  cutout_px=0, start=0, chunk=2048):
     """Yield (views, labels) batches of a device-resident uint8 training set, from batch `start` on.
-    Random decisions come from a CPU generator, by default seeded by (seed, epoch): the same on
-    every device, and on resume (pass the stopped epoch's generator state as gen)."""
-    gen = gen if gen is not None else torch.Generator().manual_seed(seed * 100003 + epoch + 7)
-    for idx in epoch_batches(len(x), batch_size, seed, epoch)[start:]:
-        idx = idx.to(x.device)
-        xb = x[idx]
-        if augment:
-            out = [augment_view(xb, gen, info, randaug, 4, autoaugment, cutout_px) for _ in range(views)]
-        else:
-            out = [to_float(xb, info.mean, info.std)] * views
-        yield out, y[idx]
+    At the start of the epoch the permuted set is gathered once and each view of it augmented in a
+    few chunked calls; the batches are then slices, normalised per batch (no host-device sync, no
+    per-step copies). Random decisions come from a CPU generator seeded by (seed, epoch): the same
+    on every device, and the same epoch again on resume."""
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch + 7)
+    batches = epoch_batches(len(x), batch_size, seed, epoch)
+    if not batches:
+        return
+    order = to_device(torch.cat(batches), x.device)
+    xs, ys = x[order], y[order]
+    if augment:
+        views_u8 = [augment_set(xs, gen, info, randaug, autoaugment, cutout_px, chunk) for _ in range(views)]
+    else:
+        views_u8 = [xs] * views
+    for b in range(start, len(batches)):
+        sl = slice(b * batch_size, b * batch_size + len(batches[b]))
+        yield [to_float(v[sl], info.mean, info.std) for v in views_u8], ys[sl]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 #   RESULTS=results        result JSONs (one per run), checkpoints and logs/
 #   GPUS=                  GPU ids to spread runs over, one run per GPU at a time
 #                          (default: CUDA_VISIBLE_DEVICES if set, else one run at a time)
-#   JOBS=                  runs at a time (default: the number of GPUs in GPUS, else 1)
+#   JOBS=                  runs at a time (default: the number of GPUs in GPUS, else 1); with one GPU,
+#                          GPUS=0 JOBS=4 puts four CIFAR runs on it at once (they are launch-bound)
 #   IMAGENET_LT_ROOT=      ImageFolder root of ImageNet-LT (train/ and val/) -> Table III
 #   IMAGENET_LT_TRAIN_LIST=, IMAGENET_LT_TEST_LIST=   the standard split files, if you have them
 #   INAT2018_ROOT=         ImageFolder root of iNaturalist 2018 -> Table IV
