@@ -750,6 +750,7 @@ class TrainState:
         self.eta = 1.0
         self.maxnorm_cap = None      # allnc++: MaxNorm's cap for the current stage (None: off)
         self.step = STEPS[cfg.method]
+        self.progress = None         # a Progress when the run prints
         if cfg.compile:              # the whole step: model, heads and losses (fixed shapes, no syncs)
             self.step = torch.compile(self.step)
         self.mix_rng = np.random.RandomState(cfg.seed)    # mixup draws; re-seeded at every epoch
@@ -869,6 +870,8 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
         sums += torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)
         n += 1
         imgs += len(y) * views
+        if st.progress is not None:
+            st.progress(epoch, i + 1, imgs, time.time() - t0)
         if STOP["signal"] is not None:
             raise Preempted({"epoch": epoch, "step": i + 1, "sums": sums, "first_bad": first_bad, "n": n,
                              "imgs": imgs, "keys": keys, "mix_state": st.mix_rng.get_state(),
@@ -978,6 +981,34 @@ def pick_device(name):
     return dev
 
 
+class Progress:
+    """Progress inside an epoch, at most every `every` seconds: one updating line on a terminal,
+    plain lines (every 30 s) otherwise, so that logs stay clean; images/s and time left for the run."""
+
+    def __init__(self, total_epochs, steps, start_epoch, tty):
+        self.total, self.steps, self.tty = total_epochs, steps, tty
+        self.every = 2.0 if tty else 30.0
+        self.t0, self.done0, self.last, self.shown = time.time(), (start_epoch - 1) * steps, time.time(), False
+
+    def __call__(self, epoch, step, imgs, dt):
+        now = time.time()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        done = (epoch - 1) * self.steps + step
+        rate = (done - self.done0) / max(now - self.t0, 1e-9)
+        left = (self.total * self.steps - done) / max(rate, 1e-9)
+        line = (f"epoch {epoch}/{self.total} step {step}/{self.steps} | {imgs / max(dt, 1e-9):.0f} img/s | "
+                f"{int(left // 60)}m{int(left % 60):02d}s left")
+        print(("\r" + line.ljust(79)) if self.tty else line, end="" if self.tty else "\n", flush=True)
+        self.shown = True
+
+    def clear(self):
+        if self.tty and self.shown:
+            print("\r" + " " * 79 + "\r", end="", flush=True)
+        self.shown = False
+
+
 class Interrupted(Exception):
     """The run stopped on SIGTERM/SIGINT after writing a checkpoint; args: (message, exit code)."""
 
@@ -1004,6 +1035,7 @@ def run(cfg, quiet=False):
     """Train and evaluate one configuration; returns the result dict (also written to --out), or
     None if another process is training the same configuration into the same --out."""
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    say.quiet = quiet
     device = pick_device(cfg.device)
     name = run_name(cfg)
     os.makedirs(cfg.out, exist_ok=True)
@@ -1032,7 +1064,22 @@ def save_checkpoint(ck_path, cfg, epoch, log, model, opt, st, partial=None):
     atomic_write(ck_path, lambda f: torch.save(ck, f))
 
 
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_weights(path, model):
+    """The model's state dict (weights and buffers, no optimizer), written atomically."""
+    atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+    return {"file": os.path.basename(path), "sha256": file_sha256(path)}
+
+
 def train_run(cfg, name, res_path, ck_path, device, say):
+    best_path, final_path = res_path[:-5] + ".best.pt", res_path[:-5] + ".pt"
     if os.path.exists(res_path) and not cfg.force:
         done = load_result(res_path)
         if done:
@@ -1063,9 +1110,13 @@ def train_run(cfg, name, res_path, ck_path, device, say):
             st.scaler.load_state_dict(ck["scaler"])
         log, start = ck["log"], ck["epoch"] + 1
         st.maxnorm_cap = ck.get("maxnorm_cap")
+        if best_epoch(log) is None and os.path.exists(best_path):
+            os.remove(best_path)
         say(f"resuming {name} from epoch {ck['epoch']}" + (f", step {partial['step']} of epoch {partial['epoch']}"
                                                             if partial else ""))
     steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
+    if not getattr(say, "quiet", False):
+        st.progress = Progress(total_epochs, steps, start, sys.stdout.isatty())
     say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}, "
         f"amp {st.dtype or 'off'}, loader {cfg.loader}")
     for epoch in range(start, total_epochs + 1):
@@ -1089,7 +1140,12 @@ def train_run(cfg, name, res_path, ck_path, device, say):
             row["test"] = {k: v for k, v in evaluate(model, data, st).items() if k != "per_class"}
         if last or (cfg.nc_every and epoch % cfg.nc_every == 0):
             row["nc"] = train_nc_metrics(model, data, st)
+        prev = best_epoch(log)
         log.append(row)
+        if "test" in row and (prev is None or row["test"]["top1"] > prev["top1"]):
+            save_weights(best_path, model)            # the best test epoch's weights, as it happens
+        if st.progress:
+            st.progress.clear()
         say(progress_line(row, total_epochs))
         save_checkpoint(ck_path, cfg, epoch, log, model, opt, st)
         if STOP["signal"] is not None and not last:
@@ -1100,9 +1156,13 @@ def train_run(cfg, name, res_path, ck_path, device, say):
         icpa = {k: torch.tensor(final["nc"].pop(k), dtype=torch.float16) for k in ("icpa_mu", "icpa_w")}
         atomic_write(res_path[:-5] + ".icpa.pt", lambda f: torch.save(icpa, f))
         final["nc"]["icpa_file"] = os.path.basename(res_path[:-5] + ".icpa.pt")
+    best = best_epoch(log)
+    weights = {"final": save_weights(final_path, model)}
+    if best and os.path.exists(best_path):
+        weights["best"] = {"epoch": best["epoch"], "file": os.path.basename(best_path), "sha256": file_sha256(best_path)}
     result = {"version": 2, "name": name, "config": dataclasses.asdict(cfg), "counts": data.counts,
               "n_train": data.n_train(), "device": str(device), "log": log, "final": final,
-              "best": best_epoch(log), "complete": True}
+              "best": best, "weights": weights, "complete": True}
     save_json(res_path, result)
     if os.path.exists(ck_path):
         os.remove(ck_path)
@@ -1113,6 +1173,45 @@ def stop(where, ck_path):
     sig = STOP["signal"]
     raise Interrupted(f"stopped by {signal.Signals(sig).name} {where}; checkpoint written to {ck_path}; "
                       f"run the same command to resume", 128 + sig)
+
+
+def reevaluate(path, device="auto"):
+    """--eval: rebuild the model of a finished result from its stored config and kept weights
+    (RESULT.json: the final weights; NAME.pt / NAME.best.pt: those), re-evaluate on the test set."""
+    which = "best" if path.endswith(".best.pt") else "final"
+    json_path = path if path.endswith(".json") else path[:-len(".best.pt" if which == "best" else ".pt")] + ".json"
+    r = load_result(json_path)
+    if r is None:
+        raise DataError(f"{json_path} is not a finished result JSON of allnc.py; --eval needs a run's JSON or weights")
+    w = (r.get("weights") or {}).get(which)
+    if w is None:
+        raise DataError(f"{json_path} records no {which} weights (runs before weights were kept); re-run it with --force")
+    wpath = os.path.join(os.path.dirname(os.path.abspath(json_path)), w["file"])
+    if not os.path.exists(wpath) or file_sha256(wpath) != w["sha256"]:
+        raise DataError(f"{wpath} is missing or does not match the sha256 recorded in {json_path} (corrupt or "
+                        f"replaced); re-run the configuration with --force")
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in r["config"].items() if k in names})
+    cfg.device = device
+    dev = pick_device(device)
+    data = Data(cfg, dev)
+    st = TrainState(cfg, data, dev)
+    model = build_model(cfg, data.C, data.counts, data.in_channels).to(dev)
+    load_weights(model, wpath, dev)
+    final = evaluate(model, data, st)
+    final["nc"] = train_nc_metrics(model, data, st)
+    return upgrade_result(r | {"final": final}), wpath
+
+
+def load_weights(model, path, device):
+    try:
+        sd = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path} is not a readable weights file ({type(e).__name__}); re-run with --force") from None
+    try:
+        model.load_state_dict(sd)
+    except (RuntimeError, KeyError, TypeError, AttributeError):
+        raise DataError(f"{path} does not match its config's model (other method, width, depth or classes)") from None
 
 
 def progress_line(r, total):
@@ -1215,6 +1314,41 @@ def run_table(res):
         lines.append(f"| {k:<14} | {fin['nc'][k]:8.4f} | {'':>13} | {'':>8} |")
     shown = {k: v for k, v in cfg.items() if k not in ("data_root", "out", "name", "force", "workers")}
     lines.append("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
+    base = os.path.join(cfg["out"], res["name"])
+    w = res.get("weights") or {}
+    lines.append(f"result: {base}.json (config, per-epoch log, per-class accuracy, NC metrics)"
+                 + (f"; weights: {os.path.join(cfg['out'], w['final']['file'])} (final)" if "final" in w else "")
+                 + (f", {os.path.join(cfg['out'], w['best']['file'])} (best, epoch {w['best']['epoch']})" if "best" in w else "")
+                 + f"; re-evaluate: python allnc.py --eval {base}.json")
+    return "\n".join(lines)
+
+
+def compare_table(a, b):
+    """--compare: two runs on the same split and budget, per shot group and for the rarest classes.
+    A 'paper' column only where the paper has a value (Table II top-1)."""
+    ca, cb = a["config"], b["config"]
+    counts = a["counts"]
+    groups = shot_groups(counts)
+    rows = [("All (top-1)", "top1")] + [(f"{g.capitalize()} ({rule}, {int(groups[g].sum())} classes)", g)
+                                        for g, rule in (("many", "> 100"), ("medium", "21..100"), ("few", "<= 20"))
+                                        if groups[g].any()]
+    rare = sorted(range(len(counts)), key=lambda c: counts[c])[:3]
+    key = (ca["dataset"], int(ca["imb"]))
+    paper = [PAPER["II"].get(c["method"], {}).get(key) for c in (ca, cb)]
+    head = f"| {'classes (training images)':<34} | {ca['method']:>8} | {cb['method']:>8} | {'difference':>10} |"
+    head += f" {'paper ' + ca['method']:>12} | {'paper ' + cb['method']:>12} |" if any(paper) else ""
+    lines = [f"{ca['method']} vs {cb['method']} on {ca['dataset']} (imb {ca['imb']:g}), the same {a['n_train']} training "
+             f"images, {ca['epochs']} epochs, seed {ca['seed']}; final epoch, test top-1 (%)", protocol_line(ca), head,
+             "".join("|" if ch == "|" else "-" for ch in head)]
+    vals = [(label, a["final"].get(k), b["final"].get(k)) for label, k in rows]
+    vals += [(f"rarest: class {c} ({counts[c]} images)", a["final"]["per_class"][c], b["final"]["per_class"][c])
+             for c in rare]
+    for i, (label, x, y) in enumerate(vals):
+        diff = x - y if x is not None and y is not None else None
+        line = f"| {label:<34} | {fnum(x, 8)} | {fnum(y, 8)} | {fnum(diff, 10)} |"
+        if any(paper):
+            line += f" {fnum(paper[0] if i == 0 else None, 12)} | {fnum(paper[1] if i == 0 else None, 12)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -1410,6 +1544,51 @@ def shot_table(entries, W=13):
 # ==============================================================================================
 # Figures (matplotlib is optional)
 
+def training_features(r, path):
+    """The classifier's input h on the un-augmented training set, from a result's kept weights."""
+    res_dir = os.path.dirname(os.path.abspath(path))
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in r["config"].items() if k in names})
+    dev = pick_device("auto")
+    data = Data(cfg, dev)
+    model = build_model(cfg, data.C, data.counts, data.in_channels).to(dev)
+    load_weights(model, os.path.join(res_dir, r["weights"]["final"]["file"]), dev)
+    model.eval()
+    hs, ys = [], []
+    with torch.no_grad():
+        for x, y in data.plain(train=True):
+            h = model(x)[2].float()
+            hs.append(F.normalize(h, dim=1) if isinstance(model.head, models.MultiCenterHead) else h)
+            ys.append(y)
+    return torch.cat(hs).cpu(), torch.cat(ys).cpu()
+
+
+def embed_2d(h):
+    """Two dimensions for Fig. 6: t-SNE when scikit-learn is installed, else PCA (torch's SVD)."""
+    try:
+        from sklearn.manifold import TSNE
+        return torch.from_numpy(TSNE(2, init="pca", random_state=0).fit_transform(h.double().numpy())).float(), "t-SNE"
+    except ImportError:
+        c = h.double() - h.double().mean(0)
+        _, _, vt = torch.linalg.svd(c, full_matrices=False)
+        return (c @ vt[:2].t()).float(), "PCA"
+
+
+def draw_features(ax, h, y, C, most=4000):
+    """Fig. 6: the features in two dimensions, coloured by class, class means marked (the means of
+    the embedded points); returns those means (C x 2)."""
+    z, how = embed_2d(h)
+    cnt = torch.zeros(C).index_add_(0, y, torch.ones(len(y)))
+    means = torch.zeros(C, 2).index_add_(0, y, z) / cnt.clamp(min=1)[:, None]
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:most]
+    ax.scatter(z[keep, 0], z[keep, 1], c=y[keep], cmap="tab10" if C <= 10 else "viridis", s=3, alpha=0.5)
+    ax.scatter(means[:, 0], means[:, 1], c=range(C), cmap="tab10" if C <= 10 else "viridis", s=120,
+               marker="*", edgecolors="black", linewidths=0.8)
+    ax.set_xlabel(f"{how} 1")
+    ax.set_ylabel(f"{how} 2")
+    return means
+
+
 def plot(paths, out_dir):
     runs = []
     for p in paths:                       # the files first: a wrong file is the likelier mistake
@@ -1447,6 +1626,17 @@ def plot(paths, out_dir):
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(r["name"], fontsize=8)
         path = os.path.join(out_dir, r["name"] + "-icpa.png")
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    feats = [(r, p) for r, p in zip(runs, paths) if (r.get("weights") or {}).get("final")]
+    if feats:                                           # Fig. 6: last-layer features of the training set
+        fig, axes = plt.subplots(1, len(feats), figsize=(5.2 * len(feats), 4.6), squeeze=False)
+        for ax, (r, p) in zip(axes[0], feats):
+            h, y = training_features(r, p)
+            draw_features(ax, h, y, len(r["counts"]))
+            ax.set_title(f"{r['config']['method']}: {r['name']}", fontsize=7)
+        path = os.path.join(out_dir, "features.png")
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
@@ -1601,9 +1791,13 @@ def parse_args(argv=None):
     p.add_argument("--tables", metavar="DIR", help="print the paper's tables from the result JSONs in DIR")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="draw ICPA heatmaps and NC curves (PNG, into --out)")
     p.add_argument("--benchmark", action="store_true", help="images/s of bare model, tensor loader, PIL loader")
+    p.add_argument("--compare", metavar="METHOD", choices=METHODS, help="also train METHOD on the same split, "
+                   "budget and seed, and print both side by side (e.g. --compare ce)")
+    p.add_argument("--eval", metavar="RESULT", help="re-evaluate a finished run from RESULT.json (final weights) or "
+                   "its NAME.pt / NAME.best.pt, and print its table")
     p.add_argument("--benchmark-steps", type=int, default=20, help="timed steps per benchmark measurement")
     a = p.parse_args(argv)
-    extra = {k: getattr(a, k) for k in ("tables", "plot", "benchmark", "benchmark_steps")}
+    extra = {k: getattr(a, k) for k in ("tables", "plot", "benchmark", "benchmark_steps", "eval", "compare")}
     names = {f.name for f in dataclasses.fields(Config)}
     given = (t[2:].split("=")[0].replace("-", "_") for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--"))
     extra["explicit"] = {g[3:] if g.startswith("no_") and g[3:] in names else g for g in given} & names
@@ -1626,11 +1820,24 @@ def main(argv=None):
             for path in plot(extra["plot"], cfg.out):
                 print(f"wrote {path}")
             return 0
+        if extra["eval"]:
+            res, wpath = reevaluate(extra["eval"], cfg.device)
+            print(f"re-evaluated {res['name']} from {wpath}\n")
+            print(run_table(res))
+            return 0
         resolve(cfg, extra["explicit"])
         if extra["benchmark"]:
             benchmark(cfg, extra["benchmark_steps"])
             return 0
         result = run(cfg)
+        if extra["compare"] and result is not None:
+            other = resolve(dataclasses.replace(cfg, method=extra["compare"], name=None, recipe="allnc",
+                                                wb_stage2_epochs=Config.wb_stage2_epochs), extra["explicit"])
+            second = run(other)
+            if second is not None:
+                print()
+                print(compare_table(result, second))
+                return 0
     except DataError as e:
         msg = str(e).strip()
         if "Traceback" in msg:     # raised in a DataLoader worker: keep our own last line

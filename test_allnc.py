@@ -1193,3 +1193,99 @@ def test_per_step_loop_never_syncs(tmp_path, monkeypatch, method, kw):
     monkeypatch.setattr(data, "train_batches", watched)
     row, n = allnc.train_epoch(model, opt, data, st, 1, 1, 2)
     assert n >= 5 and counted["n"] == 0, counted["names"][:10]
+
+
+def test_large_icpa_matrices_live_beside_the_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(allnc, "ICPA_JSON_MAX", 5)                   # 10 classes count as "large" here
+    res = allnc.run(tiny_cfg(tmp_path, epochs=1, nc_every=0, name="r"), quiet=True)
+    on_disk = json.loads((tmp_path / "r.json").read_text())
+    assert "icpa_mu" not in on_disk["final"]["nc"] and on_disk["final"]["nc"]["icpa_file"] == "r.icpa.pt"
+    m = torch.load(tmp_path / "r.icpa.pt", weights_only=True)
+    assert m["icpa_w"].shape == (10, 10) and m["icpa_mu"].dtype == torch.float16
+    assert res["final"]["nc"]["nc1"] > 0
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("--tables loaded a matrix file"))
+    allnc.print_tables(str(tmp_path))
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    written = allnc.plot([str(tmp_path / "r.json")], str(tmp_path / "fig"))
+    assert any(p.endswith("r-icpa.png") for p in written)
+
+# ----------------------------------------------------------------------------------------------
+# Results a user can reuse (issue 13)
+
+def test_weights_kept_and_eval_reproduces_the_run(tmp_path):
+    args = ["--dataset", "synthetic", "--imb", "10", "--epochs", "2", "--depth", "8", "--device", "cpu",
+            "--name", "r", "--out", str(tmp_path)]
+    run = cli("allnc.py", *args)
+    assert run.returncode == 0, run.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    w = res["weights"]
+    assert w["final"]["file"] == "r.pt" and w["best"]["epoch"] == res["best"]["epoch"]
+    assert w["final"]["sha256"] == allnc.file_sha256(str(tmp_path / "r.pt"))
+    assert not (tmp_path / "r.ckpt").exists()
+    sd = torch.load(tmp_path / "r.pt", weights_only=True)
+    assert not any("momentum" in k for k in sd)                      # a state dict, no optimizer
+    assert f"weights: {tmp_path / 'r.pt'} (final)" in run.stdout and f"--eval {tmp_path / 'r'}.json" in run.stdout
+    ev = cli("allnc.py", "--eval", str(tmp_path / "r.json"))
+    assert ev.returncode == 0, ev.stderr
+    top1 = [l for l in ev.stdout.splitlines() if l.startswith("| top1")][0]
+    assert f"{res['final']['top1']:8.2f}" in top1                    # the same final top-1, re-evaluated
+    again, _ = allnc.reevaluate(str(tmp_path / "r.json"), "cpu")
+    assert again["final"]["top1"] == res["final"]["top1"] and again["final"]["per_class"] == res["final"]["per_class"]
+    data = (tmp_path / "r.pt").read_bytes()
+    (tmp_path / "r.pt").write_bytes(data[: len(data) // 2])          # truncated
+    bad = cli("allnc.py", "--eval", str(tmp_path / "r.pt"))
+    assert bad.returncode == 2 and "sha256" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    other = allnc.build_model(tiny_cfg(tmp_path, method="ce", width=8), 10, [5] * 10, 3)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    model = allnc.build_model(allnc.Config(**{k: v for k, v in res["config"].items()}), 10, res["counts"], 3)
+    with pytest.raises(data_lt.DataError, match="does not match its config"):
+        allnc.load_weights(model, str(tmp_path / "other.pt"), torch.device("cpu"))
+
+
+def test_compare_table_holds_both_runs_numbers(tmp_path):
+    r = cli("allnc.py", "--dataset", "synthetic", "--imb", "10", "--epochs", "1", "--depth", "8", "--device", "cpu",
+            "--out", str(tmp_path), "--compare", "ce")
+    assert r.returncode == 0, r.stderr
+    runs = {x["config"]["method"]: x for x in allnc.collect(str(tmp_path))[0]}
+    assert set(runs) == {"allnc", "ce"} and runs["allnc"]["n_train"] == runs["ce"]["n_train"]
+    table = r.stdout[r.stdout.index("allnc vs ce"):]
+    row = lambda label: [c.strip() for c in next(l for l in table.splitlines() if l.startswith(f"| {label}")).split("|")]
+    a, c = runs["allnc"]["final"], runs["ce"]["final"]
+    assert row("All (top-1)")[2:5] == [f"{a['top1']:.2f}", f"{c['top1']:.2f}", f"{a['top1'] - c['top1']:.2f}"]
+    assert row("Many")[2:4] == [f"{a['many']:.2f}", f"{c['many']:.2f}"]
+    rare = min(range(10), key=lambda k: runs["allnc"]["counts"][k])
+    assert row(f"rarest: class {rare}")[2:4] == [f"{a['per_class'][rare]:.2f}", f"{c['per_class'][rare]:.2f}"]
+    assert "paper" not in table                                     # the paper has no synthetic numbers
+
+
+def test_feature_plot_marks_the_class_means_of_the_plotted_points():
+    mpl = pytest.importorskip("matplotlib")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(5).repeat_interleave(40)
+    h = torch.randn(5, 16, generator=g)[y] * 3 + torch.randn(200, 16, generator=g)
+    fig, ax = plt.subplots()
+    means = allnc.draw_features(ax, h, y, 5)
+    plotted = torch.tensor(ax.collections[-1].get_offsets().data)
+    c = h.double().numpy() - h.double().numpy().mean(0)               # numpy's own PCA
+    z = c @ np.linalg.svd(c, full_matrices=False)[2][:2].T
+    want = np.stack([z[y.numpy() == k].mean(0) for k in range(5)])
+    sign = np.sign((want * plotted.numpy()).sum(0))                   # a principal axis has no sign
+    assert np.allclose(plotted.numpy(), want * sign, atol=1e-4) and torch.allclose(plotted.float(), means, atol=1e-5)
+    plt.close(fig)
+
+
+def test_progress_inside_an_epoch(capsys):
+    p = allnc.Progress(total_epochs=3, steps=10, start_epoch=1, tty=False)
+    p.every, p.last = 0.0, 0.0
+    p(1, 5, 640, 2.0)
+    out = capsys.readouterr().out
+    assert out.startswith("epoch 1/3 step 5/10 | 320 img/s |") and out.endswith("left\n") and "\r" not in out
+    t = allnc.Progress(total_epochs=3, steps=10, start_epoch=1, tty=True)
+    t.every, t.last = 0.0, 0.0
+    t(2, 1, 64, 1.0)
+    t.clear()
+    out = capsys.readouterr().out
+    assert out.startswith("\repoch 2/3 step 1/10") and "\n" not in out
