@@ -1,10 +1,11 @@
 """AllNC: All-around Neural Collapse for Imbalanced Classification (Zhang et al.), reproduced.
 
     python allnc.py --dataset cifar10 --imb 200 --gamma 2          # train, evaluate, print table
-    python allnc.py --dataset fmnist --imb 100 --depth 20 --epochs 10   # CPU-sized real run
+    python allnc.py --dataset fmnist --imb 100 --depth 8 --epochs 4 --compare ce   # CPU: AllNC vs CE
     python allnc.py --tables results/                               # paper tables, ours beside theirs
-    python allnc.py --plot results/RUN.json                         # ICPA heatmaps and NC curves
-    python allnc.py --benchmark                                     # images/s: floor, tensor, PIL
+    python allnc.py --eval results/RUN.json                         # re-evaluate from the kept weights
+    python allnc.py --plot results/RUN.json                         # ICPA heatmaps, NC curves, features
+    python allnc.py --benchmark                                     # images/s, projected run time
 
 Equation numbers are the paper's. Importing this module trains nothing and downloads nothing.
 """
@@ -277,6 +278,13 @@ def resolve(cfg, explicit=()):
         raise DataError(f"--device {cfg.device!r} unknown; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {cfg.device} but no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DataError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise DataError("--nesterov needs --momentum > 0")
+    if cfg.method == "ncmc" and C > 100:
+        raise DataError(f"ncmc's frame needs f x C = {cfg.ncmc_f * C} dimensions for {C} classes; it is "
+                        f"implemented for up to 100 classes (CIFAR-100)")
     if cfg.name is not None and (not cfg.name.strip() or os.sep in cfg.name or cfg.name.startswith(".")):
         raise DataError(f"--name {cfg.name!r} must be a plain file name (no '{os.sep}', not starting with '.')")
     if os.path.exists(cfg.data_root) and not os.path.isdir(cfg.data_root):
@@ -751,6 +759,7 @@ class TrainState:
         self.maxnorm_cap = None      # allnc++: MaxNorm's cap for the current stage (None: off)
         self.step = STEPS[cfg.method]
         self.progress = None         # a Progress when the run prints
+        self.best_model = None       # a CPU copy of the best test epoch's weights (checkpointed with the run)
         if cfg.compile:              # the whole step: model, heads and losses (fixed shapes, no syncs)
             self.step = torch.compile(self.step)
         self.mix_rng = np.random.RandomState(cfg.seed)    # mixup draws; re-seeded at every epoch
@@ -844,6 +853,7 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
     sums, first_bad, n, imgs, keys, start, spent = None, None, 0, 0, None, 0, 0.0
     if resume:
         sums, first_bad, n, imgs, keys = (resume[k] for k in ("sums", "first_bad", "n", "imgs", "keys"))
+        sums, first_bad = sums.to(st.device), first_bad.to(st.device)     # the checkpoint loads on the CPU
         start, spent = resume["step"], resume["time"]
         st.mix_rng.set_state(resume["mix_state"])
     t0 = time.time() - spent
@@ -945,6 +955,15 @@ def atomic_write(path, write):
         pass
 
 
+def torch_bytes(obj):
+    """torch.save into memory: a full disk then fails in our own write (an OSError), not inside
+    torch's zip writer (a RuntimeError)."""
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def save_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
@@ -985,10 +1004,11 @@ class Progress:
     """Progress inside an epoch, at most every `every` seconds: one updating line on a terminal,
     plain lines (every 30 s) otherwise, so that logs stay clean; images/s and time left for the run."""
 
-    def __init__(self, total_epochs, steps, start_epoch, tty):
+    def __init__(self, total_epochs, steps, start_epoch, tty, start_step=0):
         self.total, self.steps, self.tty = total_epochs, steps, tty
         self.every = 2.0 if tty else 30.0
-        self.t0, self.done0, self.last, self.shown = time.time(), (start_epoch - 1) * steps, time.time(), False
+        self.t0, self.last, self.shown = time.time(), time.time(), False
+        self.done0 = (start_epoch - 1) * steps + start_step
 
     def __call__(self, epoch, step, imgs, dt):
         now = time.time()
@@ -1060,8 +1080,8 @@ def run(cfg, quiet=False):
 def save_checkpoint(ck_path, cfg, epoch, log, model, opt, st, partial=None):
     ck = {"config": dataclasses.asdict(cfg), "epoch": epoch, "log": log, "model": model.state_dict(),
           "opt": opt.state_dict(), "scaler": st.scaler.state_dict() if st.scaler else None,
-          "maxnorm_cap": st.maxnorm_cap, "partial": partial}
-    atomic_write(ck_path, lambda f: torch.save(ck, f))
+          "maxnorm_cap": st.maxnorm_cap, "partial": partial, "best_model": st.best_model}
+    atomic_write(ck_path, lambda f: f.write(torch_bytes(ck)))
 
 
 def file_sha256(path):
@@ -1074,7 +1094,7 @@ def file_sha256(path):
 
 def save_weights(path, model):
     """The model's state dict (weights and buffers, no optimizer), written atomically."""
-    atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+    atomic_write(path, lambda f: f.write(torch_bytes(model.state_dict() if isinstance(model, nn.Module) else model)))
     return {"file": os.path.basename(path), "sha256": file_sha256(path)}
 
 
@@ -1110,13 +1130,12 @@ def train_run(cfg, name, res_path, ck_path, device, say):
             st.scaler.load_state_dict(ck["scaler"])
         log, start = ck["log"], ck["epoch"] + 1
         st.maxnorm_cap = ck.get("maxnorm_cap")
-        if best_epoch(log) is None and os.path.exists(best_path):
-            os.remove(best_path)
+        st.best_model = ck.get("best_model")
         say(f"resuming {name} from epoch {ck['epoch']}" + (f", step {partial['step']} of epoch {partial['epoch']}"
                                                             if partial else ""))
     steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
     if not getattr(say, "quiet", False):
-        st.progress = Progress(total_epochs, steps, start, sys.stdout.isatty())
+        st.progress = Progress(total_epochs, steps, start, sys.stdout.isatty(), partial["step"] if partial else 0)
     say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}, "
         f"amp {st.dtype or 'off'}, loader {cfg.loader}")
     for epoch in range(start, total_epochs + 1):
@@ -1142,8 +1161,8 @@ def train_run(cfg, name, res_path, ck_path, device, say):
             row["nc"] = train_nc_metrics(model, data, st)
         prev = best_epoch(log)
         log.append(row)
-        if "test" in row and (prev is None or row["test"]["top1"] > prev["top1"]):
-            save_weights(best_path, model)            # the best test epoch's weights, as it happens
+        if "test" in row and (prev is None or row["test"]["top1"] > prev["top1"]):   # the best test epoch so far
+            st.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if st.progress:
             st.progress.clear()
         say(progress_line(row, total_epochs))
@@ -1154,12 +1173,12 @@ def train_run(cfg, name, res_path, ck_path, device, say):
     final["nc"] = train_nc_metrics(model, data, st, icpa=True)
     if data.C > ICPA_JSON_MAX:     # two C x C matrices: beside the JSON, never loaded by --tables
         icpa = {k: torch.tensor(final["nc"].pop(k), dtype=torch.float16) for k in ("icpa_mu", "icpa_w")}
-        atomic_write(res_path[:-5] + ".icpa.pt", lambda f: torch.save(icpa, f))
+        atomic_write(res_path[:-5] + ".icpa.pt", lambda f: f.write(torch_bytes(icpa)))
         final["nc"]["icpa_file"] = os.path.basename(res_path[:-5] + ".icpa.pt")
     best = best_epoch(log)
     weights = {"final": save_weights(final_path, model)}
-    if best and os.path.exists(best_path):
-        weights["best"] = {"epoch": best["epoch"], "file": os.path.basename(best_path), "sha256": file_sha256(best_path)}
+    if best and st.best_model is not None:
+        weights["best"] = {"epoch": best["epoch"]} | save_weights(best_path, st.best_model)
     result = {"version": 2, "name": name, "config": dataclasses.asdict(cfg), "counts": data.counts,
               "n_train": data.n_train(), "device": str(device), "log": log, "final": final,
               "best": best, "weights": weights, "complete": True}
@@ -1577,11 +1596,12 @@ def embed_2d(h):
 def draw_features(ax, h, y, C, most=4000):
     """Fig. 6: the features in two dimensions, coloured by class, class means marked (the means of
     the embedded points); returns those means (C x 2)."""
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:most]
+    h, y = h[keep], y[keep]                     # a random subset, so that t-SNE stays affordable
     z, how = embed_2d(h)
     cnt = torch.zeros(C).index_add_(0, y, torch.ones(len(y)))
     means = torch.zeros(C, 2).index_add_(0, y, z) / cnt.clamp(min=1)[:, None]
-    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:most]
-    ax.scatter(z[keep, 0], z[keep, 1], c=y[keep], cmap="tab10" if C <= 10 else "viridis", s=3, alpha=0.5)
+    ax.scatter(z[:, 0], z[:, 1], c=y, cmap="tab10" if C <= 10 else "viridis", s=3, alpha=0.5)
     ax.scatter(means[:, 0], means[:, 1], c=range(C), cmap="tab10" if C <= 10 else "viridis", s=120,
                marker="*", edgecolors="black", linewidths=0.8)
     ax.set_xlabel(f"{how} 1")
@@ -1600,7 +1620,7 @@ def plot(paths, out_dir):
             icpa_path = os.path.join(os.path.dirname(os.path.abspath(p)), nc["icpa_file"])
             try:
                 nc.update({k: v.float().tolist() for k, v in torch.load(icpa_path, weights_only=True).items()})
-            except (OSError, RuntimeError):
+            except Exception:
                 raise DataError(f"{icpa_path} (the ICPA matrices of {p}) is missing or unreadable") from None
         runs.append(upgrade_result(r))
     try:
@@ -1776,7 +1796,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
@@ -1825,14 +1845,20 @@ def main(argv=None):
             print(f"re-evaluated {res['name']} from {wpath}\n")
             print(run_table(res))
             return 0
+        user = dataclasses.replace(cfg)
         resolve(cfg, extra["explicit"])
+        other = None
+        if extra["compare"]:       # checked before anything trains; recipe fields the user did not give reset
+            m = extra["compare"]
+            other = resolve(dataclasses.replace(user, method=m, name=None,
+                                                recipe=user.recipe if m in RECIPES else "allnc"), extra["explicit"])
         if extra["benchmark"]:
+            if data_lt.DATASETS[cfg.dataset].kind == "folder":
+                raise DataError("--benchmark times the tensor path: use cifar10, cifar100, fmnist or synthetic")
             benchmark(cfg, extra["benchmark_steps"])
             return 0
         result = run(cfg)
-        if extra["compare"] and result is not None:
-            other = resolve(dataclasses.replace(cfg, method=extra["compare"], name=None, recipe="allnc",
-                                                wb_stage2_epochs=Config.wb_stage2_epochs), extra["explicit"])
+        if other is not None and result is not None:
             second = run(other)
             if second is not None:
                 print()

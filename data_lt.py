@@ -692,8 +692,16 @@ class FixedBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def quiet_worker(_):
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which checkpoints and stops."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def pil_loader(dataset, batches, workers, seed, epoch, device):
     dl = torch.utils.data.DataLoader(dataset, batch_sampler=FixedBatches(batches), num_workers=workers,
+                                     worker_init_fn=quiet_worker if workers else None,
                                      pin_memory=device.type == "cuda", persistent_workers=False,
                                      generator=torch.Generator().manual_seed(seed * 100003 + epoch + 11))
     for *views, y in dl:

@@ -195,17 +195,21 @@ class RotatedETFHead(nn.Module):
 
 
 def ncmc_center_counts(counts, f, aware=True):
-    """Centers per class, NCMC's calc_cls_idx: 'ca' (aware) gives k_c = int((f-2) C n_c / N) + 1 in
-    the given class order, adds the shortfall to C (f - 1) one by one to the first entries, then
-    reverses the list (so on head-to-tail data the smallest class gets the most); 'ave' gives
-    f - 1 to every class. Either way C (f - 1) centers in all."""
+    """Centers per class, NCMC's calc_cls_idx: 'ca' (aware) gives k_c = int((f-2) C n_c / N) + 1 for
+    the classes in head-to-tail order, adds the shortfall to C (f - 1) one by one to the first
+    entries, then reverses the list, so the smallest class gets the most (the file takes the given
+    order as head to tail, as CIFAR-LT's is; we sort first); 'ave' gives f - 1 to every class."""
     C, N = len(counts), sum(counts)
     if not aware:
         return [f - 1] * C
-    k = [int((f - 2) * C * n / N) + 1 for n in counts]
+    order = sorted(range(C), key=lambda c: -counts[c])           # head to tail, as the file assumes
+    k = [int((f - 2) * C * counts[c] / N) + 1 for c in order]
     for i in range(C * (f - 1) - sum(k)):
         k[i] += 1
-    return k[::-1]
+    out = [0] * C
+    for c, kc in zip(order, k[::-1]):
+        out[c] = kc
+    return out
 
 
 class MultiCenterHead(nn.Module):

@@ -939,6 +939,11 @@ def test_recipes_land_in_the_run_config_and_explicit_flags_win(tmp_path):
     assert res["config"]["recipe"] == "own" and res["config"]["cutout"] == 16 and res["config"]["epochs"] == 1
     r = cli("allnc.py", "--dataset", "synthetic", "--method", "allnc", "--recipe", "own")
     assert r.returncode == 2 and "no published recipe" in r.stderr
+    with pytest.raises(SystemExit):                # an abbreviated flag would escape the explicit set
+        allnc.parse_args(["--method", "rbl", "--recipe", "own", "--epoch", "5"])
+    r = cli("allnc.py", "--dataset", "cifar100", "--method", "ce", "--width", "16", "--compare", "etf",
+            "--out", str(tmp_path / "cmp"))
+    assert r.returncode == 2 and "etf on cifar100 needs" in r.stderr and not (tmp_path / "cmp").exists()
 
 
 def test_step_and_rbl_schedules():
@@ -1118,19 +1123,20 @@ def test_second_process_on_the_same_run_skips(tmp_path):
 def test_disk_full_keeps_previous_checkpoint_and_result(tmp_path, monkeypatch):
     import errno
     cfg = tiny_cfg(tmp_path, epochs=3, nc_every=0, name="r")
-    real_save, n = torch.save, {"calls": 0}
+    real_fsync, n = os.fsync, {"ck": 0}
 
-    def full_disk(obj, f):
-        n["calls"] += 1
-        if n["calls"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, f)
-    monkeypatch.setattr(torch, "save", full_disk)
+    def full_disk(fd):            # the disk fills while the second checkpoint is being written
+        if ".ckpt.tmp" in os.readlink(f"/proc/self/fd/{fd}"):
+            n["ck"] += 1
+            if n["ck"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(allnc.WriteError, match="No space left on device.*intact"):
         allnc.run(cfg, quiet=True)
     ck = torch.load(tmp_path / "r.ckpt", weights_only=False)
     assert ck["epoch"] == 1 and os.listdir(tmp_path) and not [p for p in os.listdir(tmp_path) if ".tmp" in p]
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     done = allnc.run(cfg, quiet=True)
     before = (tmp_path / "r.json").read_text()
     monkeypatch.setattr(allnc.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
