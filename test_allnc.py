@@ -731,7 +731,7 @@ def test_plot_needs_matplotlib_or_draws(tmp_path):
         return
     assert r.returncode == 0, r.stderr
     pngs = sorted(os.listdir(tmp_path / "fig"))
-    assert pngs == sorted([allnc.run_name(cfg) + "-icpa.png", "nc-curves.png"])
+    assert pngs == sorted([allnc.run_name(cfg) + "-icpa.png", "nc-curves.png", "features.png"])
     assert all(open(tmp_path / "fig" / p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 # ----------------------------------------------------------------------------------------------
