@@ -1459,14 +1459,16 @@ def paper_tables(runs, own_runs=(), W=13):
                                                  for d, i in cols) + " |")
     for m in METHODS:
         pap = [PAPER["II"].get(m, {}).get(c) for c in cols]
+        rows = {}
         for recipe in ("allnc", "own"):
             pool = runs if recipe == "allnc" else own_runs
-            sel = [[r for r in pick(pool, dataset=d, imb=float(i), method=m, imb_type="exp") if base(r)
-                    and r["config"].get("recipe", "allnc") == recipe
-                    and (not m.startswith("allnc") or r["config"]["gamma"] == table2_gamma(d, i))] for d, i in cols]
-            if recipe == "own" and not any(sel):
-                continue
-            table2_rows(f"{m} ({recipe})", sel, pap, W)
+            rows[recipe] = [[r for r in pick(pool, dataset=d, imb=float(i), method=m, imb_type="exp") if base(r)
+                             and r["config"].get("recipe", "allnc") == recipe
+                             and (not m.startswith("allnc") or r["config"]["gamma"] == table2_gamma(d, i))]
+                            for d, i in cols]
+        for recipe, sel in rows.items():        # an empty row only where the method has no row at all
+            if any(map(any, sel)) or (recipe == "allnc" and not any(map(any, rows["own"]))):
+                table2_rows(f"{m} ({recipe})", sel, pap, W)
 
 
     # Tables III and IV

@@ -693,10 +693,10 @@ class FixedBatches(torch.utils.data.Sampler):
 
 
 def quiet_worker(_):
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which checkpoints and stops."""
+    """DataLoader workers leave Ctrl-C (SIGINT, sent to the whole terminal process group) to the main
+    process, which checkpoints and stops. SIGTERM keeps its default: the loader's shutdown uses it."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def pil_loader(dataset, batches, workers, seed, epoch, device):
