@@ -447,8 +447,8 @@ def step_allnc(model, views, y, st):
     use_p2p = not cfg.no_p2p
     W = model.head.classifier_weight()
     c1, c2 = (None, None) if ce_logits is None else (ce_logits[:B], ce_logits[B:])
-    cls1, t = gbbn_cls_loss(p1, y, st.eta, st.grw, W, use_p2p, cfg.grw_reduction, c1)
-    cls2, t2 = gbbn_cls_loss(p2, y, st.eta, st.grw, W, use_p2p, cfg.grw_reduction, c2)
+    cls1, t = gbbn_cls_loss(p1, y, st.eta_t, st.grw, W, use_p2p, cfg.grw_reduction, c1)
+    cls2, t2 = gbbn_cls_loss(p2, y, st.eta_t, st.grw, W, use_p2p, cfg.grw_reduction, c2)
     terms = {k: (t[k] + t2[k]) / 2 for k in t}
     zero = cls1.new_zeros(())
     terms["hycon"] = zero
@@ -755,7 +755,8 @@ class TrainState:
         self.grw = grw_weights(data.counts, cfg.grw_rho).to(device)
         self.cb_w = cb_weights(data.counts, cfg.wb_cb_beta).to(device)
         self.gram = etf_gram(data.C, device)
-        self.eta = 1.0
+        self.eta_t = torch.ones((), device=device)   # eta as the step sees it: a tensor, so that a
+        self.eta = 1.0                               # compiled step is not recompiled every epoch
         self.maxnorm_cap = None      # allnc++: MaxNorm's cap for the current stage (None: off)
         self.step = STEPS[cfg.method]
         self.progress = None         # a Progress when the run prints
@@ -766,6 +767,15 @@ class TrainState:
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
+
+    @property
+    def eta(self):
+        return self._eta
+
+    @eta.setter
+    def eta(self, value):
+        self._eta = float(value)
+        self.eta_t.fill_(self._eta)
 
     def autocast(self):
         if self.dtype is None:

@@ -22,6 +22,10 @@ import models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
+# ALLNC_TEST_DEVICE=cuda runs the device-dependent tests (training steps, AMP, the sync-free loop,
+# the benchmark, resume) on a GPU; CI leaves it unset and everything runs on the CPU.
+DEV = os.environ.get("ALLNC_TEST_DEVICE", "cpu")
+DEVICE = torch.device(DEV)
 
 
 def cli(*args, cwd=HERE, timeout=600, env=None):
@@ -31,7 +35,7 @@ def cli(*args, cwd=HERE, timeout=600, env=None):
 
 def tiny_cfg(tmp_path, **kw):
     base = dict(dataset="synthetic", imb=10.0, epochs=2, depth=8, batch_size=64, out=str(tmp_path),
-                nc_every=1, device="cpu")
+                nc_every=1, device=DEV)
     return allnc.resolve(allnc.Config(**(base | kw)))
 
 # ----------------------------------------------------------------------------------------------
@@ -255,10 +259,10 @@ def test_rbl_head_bias_reaches_logits_and_rotation_stays_orthogonal():
 @pytest.mark.parametrize("method,space", [(m, "z") for m in allnc.METHODS] + [("allnc", "feature")])
 def test_each_method_trains_one_step(tmp_path, method, space):
     cfg = tiny_cfg(tmp_path, method=method, p2p_space=space)
-    data = allnc.Data(cfg, torch.device("cpu"))
-    st = allnc.TrainState(cfg, data, torch.device("cpu"))
+    data = allnc.Data(cfg, DEVICE)
+    st = allnc.TrainState(cfg, data, DEVICE)
     st.eta = 0.5
-    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels)
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE)
     opt = allnc.make_optimizer(model, cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     xs, y = next(iter(data.train_batches(1, allnc.VIEWS[method])))
@@ -280,10 +284,10 @@ def test_each_method_trains_one_step(tmp_path, method, space):
 
 def test_allnc_total_is_eq14(tmp_path):
     cfg = tiny_cfg(tmp_path, alpha=0.7)
-    data = allnc.Data(cfg, torch.device("cpu"))
-    st = allnc.TrainState(cfg, data, torch.device("cpu"))
+    data = allnc.Data(cfg, DEVICE)
+    st = allnc.TrainState(cfg, data, DEVICE)
     st.eta = 0.4
-    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).eval()  # eval: BN is deterministic
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE).eval()  # eval: BN is deterministic
     xs, y = next(iter(data.train_batches(1, 2)))
     total, t = allnc.step_allnc(model, xs, y, st)
     cls = lambda: 0.4 * t["ce"] + 0.6 * (t["grw"] + t["p2p_w"])     # t holds the mean over both views
@@ -401,9 +405,9 @@ def test_imagefolder_path_with_pareto_split_and_list_files(tmp_path):
     tr2, C2 = data_lt.folder_samples("imagenet_lt", str(tmp_path), True, train_list=str(lst))
     assert C2 == 3 and tr2[1] == (str(tmp_path / "train/class2/1.png"), 2)
     cfg = allnc.resolve(allnc.Config(dataset="imagenet_lt", data_root=str(tmp_path), epochs=1, batch_size=4,
-                                     imb_type="pareto", method="ce", workers=0, device="cpu"))
+                                     imb_type="pareto", method="ce", workers=0, device=DEV))
     assert (cfg.arch, cfg.lr, cfg.wd, cfg.loader) == ("resnext50", 0.1, 2e-4, "pil")
-    data = allnc.Data(cfg, torch.device("cpu"))
+    data = allnc.Data(cfg, DEVICE)
     (x,), y = next(iter(data.train_batches(1, 1)))
     assert x.shape == (4, 3, 224, 224)
     r = cli("allnc.py", "--dataset", "inat2018", "--data-root", str(tmp_path / "nope"), "--epochs", "1")
@@ -537,10 +541,10 @@ def test_ldam_subset_replays_numpy_recipe():
 
 def test_tensor_and_pil_loaders_identical_without_augmentation(tmp_path):
     cfg = tiny_cfg(tmp_path, augment=False, workers=0)
-    data = allnc.Data(cfg, torch.device("cpu"))
+    data = allnc.Data(cfg, DEVICE)
     tens = list(data.train_batches(3, 2))
     cfg.loader = "pil"
-    data.pil = data_lt.PILViews(data.xtr, data.ytr, data.info, 2, augment=False)
+    data.pil = data_lt.PILViews(data.xtr.cpu(), data.ytr.cpu(), data.info, 2, augment=False)
     pil = list(data.train_batches(3, 2))
     assert len(tens) == len(pil) > 3
     for (tv, ty), (pv, py) in zip(tens, pil):
@@ -660,7 +664,7 @@ def test_cb_loss_matches_weight_balancing_formula():
 
 
 def test_nonfinite_loss_stops_run_naming_term(tmp_path, monkeypatch):
-    monkeypatch.setattr(allnc, "hycon_loss", lambda *a: torch.tensor(float("nan")))
+    monkeypatch.setattr(allnc, "hycon_loss", lambda *a: torch.tensor(float("nan"), device=DEVICE))
     cfg = tiny_cfg(tmp_path)
     with pytest.raises(allnc.NonFinite, match="'hycon' became non-finite at epoch 1"):
         allnc.run(cfg, quiet=True)
@@ -781,18 +785,19 @@ def test_run_all_smoke_end_to_end_prints_tables(tmp_path):
     assert again.returncode == 0 and again.stdout.count("skip (done)") == 5
 
 
-def test_bf16_autocast_path_runs_on_cpu(tmp_path):
-    """The AMP code path (autocast + float32 losses) as CUDA uses it, here with CPU bf16."""
+def test_bf16_autocast_path_runs(tmp_path):
+    """The AMP code path (autocast + float32 losses) as CUDA uses it; with CPU bf16 in CI."""
     cfg = tiny_cfg(tmp_path, amp="bf16", epochs=2, nc_every=0)
-    st = allnc.TrainState(cfg, allnc.Data(cfg, torch.device("cpu")), torch.device("cpu"))
+    st = allnc.TrainState(cfg, allnc.Data(cfg, DEVICE), DEVICE)
     assert st.dtype == torch.bfloat16 and st.scaler is None
     res = allnc.run(cfg, quiet=True)
     assert all(math.isfinite(r["loss"]) for r in res["log"]) and res["final"]["top1"] > 10
-    assert allnc.TrainState(tiny_cfg(tmp_path), allnc.Data(cfg, torch.device("cpu")), torch.device("cpu")).dtype is None
+    auto = allnc.TrainState(tiny_cfg(tmp_path), allnc.Data(cfg, DEVICE), DEVICE).dtype    # --amp auto
+    assert auto is (torch.bfloat16 if DEVICE.type == "cuda" else None)
 
 
 def test_benchmark_reports_throughputs_ratios_and_projection(tmp_path, capsys):
-    cfg = allnc.resolve(allnc.Config(dataset="synthetic", smoke=True, depth=8, device="cpu", workers=0, imb=10,
+    cfg = allnc.resolve(allnc.Config(dataset="synthetic", smoke=True, depth=8, device=DEV, workers=0, imb=10,
                                      epochs=7, out=str(tmp_path)))
     r = allnc.benchmark(cfg, steps=2)
     out = capsys.readouterr().out
@@ -852,9 +857,9 @@ def test_best_epoch_reported_when_last_epoch_drops(tmp_path, monkeypatch):
 
 def test_two_heads_predict_with_the_rebalanced_head(tmp_path):
     cfg = tiny_cfg(tmp_path, heads=2, epochs=1)
-    data = allnc.Data(cfg, torch.device("cpu"))
-    st = allnc.TrainState(cfg, data, torch.device("cpu"))
-    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels)
+    data = allnc.Data(cfg, DEVICE)
+    st = allnc.TrainState(cfg, data, DEVICE)
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE)
     with torch.no_grad():
         for fc, cls in ((model.head.fc, 3), (model.head.fc_ce, 5)):
             fc.weight.zero_()
@@ -872,11 +877,11 @@ def test_two_heads_predict_with_the_rebalanced_head(tmp_path):
 
 
 def test_logits_and_gram_are_float32_under_bf16_autocast():
-    model = models.Net(models.ResNetCifar(8), models.LinearHead(64, 10))
-    x = torch.randn(4, 3, 16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model = models.Net(models.ResNetCifar(8), models.LinearHead(64, 10)).to(DEVICE)
+    x = torch.randn(4, 3, 16, 16, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         feat, logits, h = model(x)
-        v = torch.randn(10, 64)
+        v = torch.randn(10, 64, device=DEVICE)
         g_auto = allnc.p2p_loss(v)
     assert logits.dtype == torch.float32 and h.dtype == torch.float32
     assert torch.allclose(logits, model.head.fc(feat), atol=1e-6)
@@ -887,9 +892,9 @@ def test_stage2_loss_runs_outside_autocast(monkeypatch):
     seen = []
     real = F.binary_cross_entropy
     monkeypatch.setattr(F, "binary_cross_entropy",
-                        lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or real(*a, **k))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        allnc.cb_loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), [10, 5, 1])
+                        lambda *a, **k: seen.append(torch.is_autocast_enabled(DEVICE.type)) or real(*a, **k))
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        allnc.cb_loss(torch.randn(4, 3, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE), [10, 5, 1])
     assert seen == [False]                   # CUDA's autocast refuses binary_cross_entropy
 
 
@@ -960,9 +965,9 @@ def test_step_and_rbl_schedules():
 @pytest.mark.parametrize("method", ["ce", "etf", "ncmc"])
 def test_mixup_at_lambda_one_is_the_plain_loss(tmp_path, method):
     cfg = tiny_cfg(tmp_path, method=method, mixup=1.0)
-    data = allnc.Data(cfg, torch.device("cpu"))
-    st = allnc.TrainState(cfg, data, torch.device("cpu"))
-    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).eval()
+    data = allnc.Data(cfg, DEVICE)
+    st = allnc.TrainState(cfg, data, DEVICE)
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE).eval()
     (x,), y = next(iter(data.train_batches(1, 1)))
 
     class One:
@@ -1003,7 +1008,7 @@ BAD_VALUES = {   # field -> invalid command-line values (every Config field that
     "rbl_tau": ["-1"], "ncmc_f": ["1"], "ncmc_theta": ["0", "2"], "mixup": ["-1"], "cutout": ["-1"],
     "workers": ["-1"], "eval_every": ["0"], "nc_every": ["-1"], "out": ["/proc/nope", "FILE"],
     "data_root": ["FILE"], "train_list": ["MISSING"], "test_list": ["MISSING"], "name": ["a/b", ".x"],
-    "device": ["foo", "cuda"], "dataset": ["imagenet"], "method": ["foo"], "imb_type": ["foo"], "arch": ["foo"],
+    "device": ["foo"] + ([] if torch.cuda.is_available() else ["cuda"]), "dataset": ["imagenet"], "method": ["foo"], "imb_type": ["foo"], "arch": ["foo"],
     "grw_reduction": ["foo"], "p2p_space": ["foo"], "randaug": ["foo"], "lt_subset": ["foo"], "loader": ["foo"],
     "amp": ["foo"], "heads": ["3"], "proj": ["foo"], "maxnorm_mode": ["foo"], "maxnorm_every": ["foo"],
     "ncmc_centers": ["foo"], "lr_schedule": ["foo"], "recipe": ["foo"],
@@ -1155,7 +1160,7 @@ def test_tables_on_empty_dir_and_plot_on_wrong_file(tmp_path):
 
 def test_pil_path_resumes_with_the_same_batch_order(tmp_path):
     cfg = tiny_cfg(tmp_path, loader="pil", workers=0, augment=False)
-    data = allnc.Data(cfg, torch.device("cpu"))
+    data = allnc.Data(cfg, DEVICE)
     full = [y for _, y in data.train_batches(2, 1)]
     rest = [y for _, y in data.train_batches(2, 1, start=3)]
     assert len(rest) == len(full) - 3 > 0 and all(torch.equal(a, b) for a, b in zip(full[3:], rest))
@@ -1173,9 +1178,9 @@ def test_per_step_loop_never_syncs(tmp_path, monkeypatch, method, kw):
     """During the steps after the first, nothing may read a tensor on the host: counted by patching
     torch.Tensor's item/tolist/cpu/numpy/__bool__/nonzero (on a GPU each would block on the device)."""
     cfg = tiny_cfg(tmp_path, method=method, **kw)
-    data = allnc.Data(cfg, torch.device("cpu"))
-    st = allnc.TrainState(cfg, data, torch.device("cpu"))
-    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels)
+    data = allnc.Data(cfg, DEVICE)
+    st = allnc.TrainState(cfg, data, DEVICE)
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE)
     opt = allnc.make_optimizer(model, cfg)
     if method == "allnc++":
         st.maxnorm_cap = allnc.maxnorm_cap(model.head.fc.weight, 0.1)
@@ -1194,10 +1199,16 @@ def test_per_step_loop_never_syncs(tmp_path, monkeypatch, method, kw):
     def watched(*a, **k):
         for i, b in enumerate(real_batches(*a, **k)):
             counted["on"] = i >= 1            # from the second step on, through the loop's end
+            if DEVICE.type == "cuda":         # on a GPU the driver itself says so: a sync raises
+                torch.cuda.set_sync_debug_mode("error" if i >= 1 else 0)
             yield b
         counted["on"] = False
     monkeypatch.setattr(data, "train_batches", watched)
-    row, n = allnc.train_epoch(model, opt, data, st, 1, 1, 2)
+    try:
+        row, n = allnc.train_epoch(model, opt, data, st, 1, 1, 2)
+    finally:
+        if DEVICE.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
     assert n >= 5 and counted["n"] == 0, counted["names"][:10]
 
 
@@ -1265,10 +1276,11 @@ def test_compare_table_holds_both_runs_numbers(tmp_path):
     assert "paper" not in table                                     # the paper has no synthetic numbers
 
 
-def test_feature_plot_marks_the_class_means_of_the_plotted_points():
+def test_feature_plot_marks_the_class_means_of_the_plotted_points(monkeypatch):
     mpl = pytest.importorskip("matplotlib")
     mpl.use("Agg")
     import matplotlib.pyplot as plt
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)        # the PCA path, with or without t-SNE
     g = torch.Generator().manual_seed(0)
     y = torch.arange(5).repeat_interleave(40)
     h = torch.randn(5, 16, generator=g)[y] * 3 + torch.randn(200, 16, generator=g)
@@ -1295,3 +1307,29 @@ def test_progress_inside_an_epoch(capsys):
     t.clear()
     out = capsys.readouterr().out
     assert out.startswith("\repoch 2/3 step 1/10") and "\n" not in out
+
+
+def test_compiled_step_is_not_recompiled_when_eta_changes(tmp_path, monkeypatch):
+    """eta changes every epoch; the compiled step must read it as a tensor, not bake it into the graph."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: real(fn, backend=backend))
+    torch._dynamo.reset()
+    cfg = tiny_cfg(tmp_path, compile=True)
+    data = allnc.Data(cfg, DEVICE)
+    st = allnc.TrainState(cfg, data, DEVICE)
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE)
+    batches = data.train_batches(1, 2)
+    seen = []
+    for eta in (1.0, 0.9, 0.5):
+        st.eta = eta
+        xs, y = next(batches)
+        loss, t = st.step(model, xs, y, st)
+        seen.append(len(graphs))
+        assert (loss - (2 * (eta * t["ce"] + (1 - eta) * (t["grw"] + t["p2p_w"])) + t["hycon"] + t["p2p_mu"])).abs() < 1e-4
+    torch._dynamo.reset()
+    assert seen[0] > 0 and seen[1] == seen[2] == seen[0], seen
