@@ -47,6 +47,8 @@ class Config:
                        choices=tuple(data_lt.DATASETS))
     imb: float = opt(100.0, "imbalance factor N_max/N_min (1 = balanced; ImageNet-LT/iNat: 1 = standard split)")
     imb_type: str = opt("exp", "exp (CIFAR-LT profile) or pareto (ImageNet-LT style)", choices=("exp", "pareto"))
+    n_max: int = opt(None, "training images of the largest class, N_max (default: the dataset's own, e.g. 5000 "
+                     "CIFAR-10, 6000 fmnist); smaller makes a cheaper long-tailed set (the CPU study: 1000)")
     method: str = opt("allnc", "allnc | allnc++ | ce | etf | rbl | ncmc", choices=METHODS)
     seed: int = opt(0, "random seed (init, batch order, augmentation)")
     # schedule (None = the paper's value for the dataset, see resolve())
@@ -181,6 +183,8 @@ WIDTH_DEFAULT = {"cifar10": 64, "cifar100": 64}      # GLMC's ResNet-32 (nf=64);
 # Fields that do not change what a run computes; left out of the run name's hash.
 NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "nc_every",
                 "data_root", "download", "train_list", "test_list"}
+# Fields added after results existed: left out of the hash at their default, so old names still match.
+HASHED_ONLY_IF_SET = {"n_max"}
 
 
 # Valid values of every numeric field: (test, what the value must be). Checked by resolve()
@@ -255,6 +259,10 @@ def resolve(cfg, explicit=()):
     for k, (ok, what) in RULES.items():
         if not ok(getattr(cfg, k)):
             raise DataError(f"{flag(k)} {getattr(cfg, k)!r} is invalid: it must be {what}")
+    if cfg.n_max is not None and not (info.kind == "tensor" and 1 <= cfg.n_max <= info.n_max):
+        raise DataError(f"--n-max {cfg.n_max} is invalid for {cfg.dataset}: " + (
+            f"give 1 to {info.n_max} (its largest class)" if info.kind == "tensor" else
+            "it applies to cifar10, cifar100, fmnist and synthetic; ImageFolder data keep their split"))
     if cfg.arch not in ("resnet_cifar", "resnext50", "resnet50"):
         raise DataError(f"--arch {cfg.arch!r} unknown; use resnet_cifar, resnext50 or resnet50")
     C = info.num_classes
@@ -301,7 +309,8 @@ def resolve(cfg, explicit=()):
 def run_name(cfg):
     if cfg.name:
         return cfg.name
-    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+    ident = {k: v for k, v in dataclasses.asdict(cfg).items()
+             if k not in NOT_IDENTITY and not (k in HASHED_ONLY_IF_SET and v is None)}
     h = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:6]
     abl = "".join(f"-{k.replace('_', '')}" for k in ("no_hycon", "no_p2p", "no_gbbn", "fixed_gamma") if ident[k])
     return (f"{cfg.dataset}-imb{cfg.imb:g}-{cfg.method}{abl}-g{cfg.gamma:g}-a{cfg.alpha:g}-e{cfg.epochs}"
@@ -567,7 +576,7 @@ class Data:
         else:
             xtr, ytr = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, True, cfg.download)
             xte, yte = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, False, cfg.download)
-            self.counts = data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type)
+            self.counts = data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type, cfg.n_max)
             keep = data_lt.long_tail_indices(ytr, self.counts, cfg.lt_subset)
             xtr, ytr = xtr[keep], ytr[keep]
         self.in_channels = xtr.shape[1]
@@ -1299,7 +1308,8 @@ def protocol_line(cfg):
     """The protocol choices a table's numbers depend on, printed with every table."""
     net = (f"ResNet-{cfg['depth']} width {cfg.get('width', 16)}" if cfg["arch"] == "resnet_cifar" else cfg["arch"])
     return (f"{net}, heads {cfg.get('heads', 1)}, RandAugment {cfg.get('randaug', 'torchvision')}, "
-            f"LT subset {cfg.get('lt_subset', 'first')}, warm-up {cfg['warmup']}, recipe {cfg.get('recipe', 'allnc')}")
+            f"LT subset {cfg.get('lt_subset', 'first')}, warm-up {cfg['warmup']}, recipe {cfg.get('recipe', 'allnc')}"
+            + (f", N_max {cfg['n_max']}" if cfg.get("n_max") else ""))
 
 
 def protocol_key(cfg):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -74,9 +75,12 @@ def pareto_counts(C, n_max, n_min, alpha=PARETO_ALPHA):
     return counts
 
 
-def split_counts(dataset, imb, imb_type="exp"):
-    """Per-class training counts of `dataset` at imbalance factor imb = N_max / N_min."""
+def split_counts(dataset, imb, imb_type="exp", n_max=None):
+    """Per-class training counts of `dataset` at imbalance factor imb = N_max / N_min; n_max: the
+    largest class's count (default: all of the dataset's images of a class)."""
     info = DATASETS[dataset]
+    if n_max is not None:
+        info = dataclasses.replace(info, n_max=min(int(n_max), info.n_max))
     if imb < 1:
         raise DataError(f"--imb {imb} is below 1; the imbalance factor is N_max/N_min, use 1 for balanced data")
     if info.kind == "folder" and imb_type == "pareto" and imb == 1:
