@@ -6,7 +6,7 @@
 #   bash run_all.sh --only VI       # one table: II III IV V VI VII 8 (Fig. 8)
 #   SCALE=smoke bash run_all.sh     # tiny generated stand-in data, 2 epochs, CPU: checks the pipeline
 #   SCALE=cpu bash run_all.sh       # the CPU study: real Fashion-MNIST-LT, small budget, 3 seeds, about
-#                                   # 40 minutes on two cores (README: "What the CPU study shows")
+#                                   # 50 minutes on two cores (README: "What the CPU study shows")
 #
 # Settings (environment variables):
 #   SEEDS="0"              seeds per configuration; "0 1 2" makes the tables show mean±std
@@ -66,8 +66,8 @@ folder_args() {  # root train_list test_list
 }
 
 # The CPU study: the paper's tables on real data (Fashion-MNIST-LT, N_max 1000) at a budget two CPU
-# cores finish in about 40 minutes. Imbalance 10 and 100 (at 100 the two rarest classes have 16 and 10
-# images: Few is not empty). Every row has the same budget (CPU_ARGS, set below).
+# cores finish in about 50 minutes. Imbalance 10 and 100 (at 100 the two rarest classes have 16 and 10
+# images: Few is not empty). Every row has the same budget (SCALE_ARGS, set below).
 cpu_configs() {
   local i m g a
   for i in 10 100; do for m in allnc allnc++ ce etf rbl ncmc; do

@@ -1008,7 +1008,7 @@ BAD_VALUES = {   # field -> invalid command-line values (every Config field that
     "rbl_tau": ["-1"], "ncmc_f": ["1"], "ncmc_theta": ["0", "2"], "mixup": ["-1"], "cutout": ["-1"],
     "workers": ["-1"], "eval_every": ["0"], "nc_every": ["-1"], "out": ["/proc/nope", "FILE"],
     "data_root": ["FILE"], "train_list": ["MISSING"], "test_list": ["MISSING"], "name": ["a/b", ".x"],
-    "device": ["foo"] + ([] if torch.cuda.is_available() else ["cuda"]), "dataset": ["imagenet"], "method": ["foo"], "imb_type": ["foo"], "arch": ["foo"],
+    "n_max": ["0", "100000", "x"], "device": ["foo"] + ([] if torch.cuda.is_available() else ["cuda"]), "dataset": ["imagenet"], "method": ["foo"], "imb_type": ["foo"], "arch": ["foo"],
     "grw_reduction": ["foo"], "p2p_space": ["foo"], "randaug": ["foo"], "lt_subset": ["foo"], "loader": ["foo"],
     "amp": ["foo"], "heads": ["3"], "proj": ["foo"], "maxnorm_mode": ["foo"], "maxnorm_every": ["foo"],
     "ncmc_centers": ["foo"], "lr_schedule": ["foo"], "recipe": ["foo"],
@@ -1333,3 +1333,64 @@ def test_compiled_step_is_not_recompiled_when_eta_changes(tmp_path, monkeypatch)
         assert (loss - (2 * (eta * t["ce"] + (1 - eta) * (t["grw"] + t["p2p_w"])) + t["hycon"] + t["p2p_mu"])).abs() < 1e-4
     torch._dynamo.reset()
     assert seen[0] > 0 and seen[1] == seen[2] == seen[0], seen
+
+
+def test_cpu_study_list_covers_the_issue(tmp_path):
+    """SCALE=cpu --list: every method at two imbalance factors (one with a non-empty Few group),
+    the four ablations, >= 4 gammas and alphas, NC curves, three seeds, one budget for every row."""
+    r = subprocess.run(["bash", "run_all.sh", "--list"], cwd=HERE, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k not in ("SEEDS", "RESULTS")} | {"SCALE": "cpu"})
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if "allnc.py" in l]
+    parsed = []
+    for l in lines:
+        table, cmd = l.split("python", 1)[0].strip(), l.split("allnc.py", 1)[1].split()
+        args, extra = allnc.parse_args(cmd[:cmd.index("--seed")] + ["--out", str(tmp_path)])
+        parsed.append((table, allnc.resolve(args, extra["explicit"])))
+    budgets = {(c.epochs, c.depth, c.width, c.batch_size, c.lr, c.wd, c.n_max, c.device, c.nc_every) for _, c in parsed}
+    assert len(budgets) == 1 and all(c.dataset == "fmnist" for _, c in parsed)
+    (epochs, depth, width, _, _, _, n_max, device, nc_every), = budgets
+    assert width == 16 and device == "cpu" and 0 < nc_every < epochs        # thin net, NC curves over epochs
+    t2 = {(c.imb, c.method) for t, c in parsed if t == "Table II"}
+    imbs = {i for i, _ in t2}
+    assert len(imbs) == 2 and all((i, m) in t2 for i in imbs for m in allnc.METHODS)
+    assert any(min(data_lt.split_counts("fmnist", i, "exp", n_max)) <= 20 for i in imbs)       # Few not empty
+    assert any(min(data_lt.split_counts("fmnist", i, "exp", n_max)) > 20 for i in imbs)
+    abl = [c for t, c in parsed if t == "Table VII"]
+    assert {a for c in abl for a in allnc.ABLATIONS if getattr(c, a)} == set(allnc.ABLATIONS) and len(abl) == 5
+    assert len({c.gamma for t, c in parsed if t == "Table VI"}) >= 4
+    assert len({c.alpha for t, c in parsed if t == "Fig. 8"}) >= 4
+    assert r.stdout.strip().endswith("seeds: 0 1 2")
+
+
+def test_n_max_shrinks_the_long_tail_profile():
+    """--n-max N: the largest class keeps N images and the profile N * imb^(-c/(C-1)) follows."""
+    assert data_lt.split_counts("fmnist", 100, "exp", 1000) == [int(1000 * 100 ** (-c / 9)) for c in range(10)]
+    assert data_lt.split_counts("fmnist", 100, "exp", None) == data_lt.split_counts("fmnist", 100)
+    plain = allnc.resolve(allnc.Config(dataset="fmnist"))
+    small = allnc.resolve(allnc.Config(dataset="fmnist", n_max=1000))
+    assert allnc.run_name(plain) != allnc.run_name(small) and "N_max 1000" in allnc.protocol_line(dataclasses.asdict(small))
+    assert "N_max" not in allnc.protocol_line(dataclasses.asdict(plain))
+    with pytest.raises(data_lt.DataError, match="--n-max 7000 is invalid for fmnist: give 1 to 6000"):
+        allnc.resolve(allnc.Config(dataset="fmnist", n_max=7000))
+
+
+def test_study_tables_mark_differences_within_the_seed_spread(capsys):
+    assert allnc.spread_delta((80.0, 1.0, 3), (79.0, 0.5, 3)).strip() == "+1.00~"      # 1 <= 1 + 0.5
+    assert allnc.spread_delta((83.0, 1.0, 3), (79.0, 0.5, 3)).strip() == "+4.00"
+    nc = {"nc1": 1.0, "cos_mu_std": 0.5, "cos_w_std": 0.2, "self_duality": 0.6}
+    counts = data_lt.split_counts("fmnist", 100, "exp", 1000)
+
+    def run(method, top1s, **kw):
+        cfg = dataclasses.asdict(allnc.resolve(allnc.Config(dataset="fmnist", imb=100, n_max=1000, epochs=15, depth=8,
+                                                            method=method, **kw)))
+        return [{"config": cfg, "counts": counts, "final": {"top1": t, "many": t, "medium": t, "few": t - 10, "nc": nc}}
+                for t in top1s]
+    runs = run("allnc", [70, 72, 74]) + run("ce", [60, 61, 62]) + run("allnc", [71, 72, 73], no_p2p=True)
+    allnc.study_tables(runs)
+    out = capsys.readouterr().out
+    assert "CPU STUDY" in out and "2 Few class(es)" in out
+    ce = next(l for l in out.splitlines() if l.startswith("| ce "))
+    assert "61.00±0.82" in ce and "-11.00 " in ce and "~" not in ce                     # outside the spread
+    wo = next(l for l in out.splitlines() if l.startswith("| w/o p2p"))
+    assert "+0.00~" in wo                                                                # same mean: within
