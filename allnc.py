@@ -1524,17 +1524,22 @@ def paper_tables(runs, own_runs=(), W=13):
     # Table VII
     print("\nTable VII: ablations of AllNC on CIFAR-100-LT (imb 100, gamma 3)")
     rows = pick(runs, dataset="cifar100", imb=100.0, method="allnc", gamma=3.0, alpha=1.0)
-    entries = [("allnc", mean_group([r for r in rows if plain_allnc(r["config"])]), PAPER["VII"]["allnc"])]
-    for a in ABLATIONS:
-        sel = [r for r in rows if r["config"][a] and sum(bool(r["config"][b]) for b in ABLATIONS) == 1]
-        entries.append((f"w/o {a[3:] if a.startswith('no_') else 'adjustable gamma'}", mean_group(sel), PAPER["VII"][a]))
-    shot_table(entries)
+    shot_table([(label, mean_group(sel), PAPER["VII"][a]) for label, a, sel in ablation_rows(rows)])
 
     # Fig. 8
     print("\nFig. 8: AllNC on CIFAR-100-LT (imb 100, gamma 3) for different alpha (paper: a figure, no numbers)")
     rows = [r for r in pick(runs, dataset="cifar100", imb=100.0, method="allnc", gamma=3.0) if plain_allnc(r["config"])]
     alphas = sorted({r["config"]["alpha"] for r in rows})
     shot_table([(f"alpha {a:g}", mean_group([r for r in rows if r["config"]["alpha"] == a]), None) for a in alphas])
+
+
+def ablation_rows(rows):
+    """Table VII's rows: (label, ablation, runs) for the full method, then each single ablation."""
+    out = [("allnc", "allnc", [r for r in rows if plain_allnc(r["config"])])]
+    for a in ABLATIONS:
+        sel = [r for r in rows if r["config"][a] and sum(bool(r["config"][b]) for b in ABLATIONS) == 1]
+        out.append((f"w/o {a[3:] if a.startswith('no_') else 'adjustable gamma'}", a, sel))
+    return out
 
 
 def spread_delta(a, b, w=9):
@@ -1603,11 +1608,7 @@ def study_tables(runs, W=13):
                [(f"gamma {g:g}", [r for r in rows if r["config"]["gamma"] == g and r["config"]["alpha"] == 1.0])
                 for g in gammas], "gamma 2", W)
     abl = pick(runs, imb=100.0, method="allnc", gamma=2.0, alpha=1.0)
-    entries = [("allnc", [r for r in abl if plain_allnc(r["config"])])]
-    for a in ABLATIONS:
-        sel = [r for r in abl if r["config"][a] and sum(bool(r["config"][b]) for b in ABLATIONS) == 1]
-        if sel:
-            entries.append((f"w/o {a[3:] if a.startswith('no_') else 'adjustable gamma'}", sel))
+    entries = [(label, sel) for label, a, sel in ablation_rows(abl) if sel or a == "allnc"]
     study_rows("\nTable VII (CPU study): ablations of AllNC at imb 100 (gamma 2)", entries, "allnc", W)
     alphas = sorted({r["config"]["alpha"] for r in rows if r["config"]["gamma"] == 2.0})
     study_rows("\nFig. 8 (CPU study): AllNC at imb 100 (gamma 2) for different alpha",
