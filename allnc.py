@@ -6,6 +6,7 @@
     python allnc.py --eval results/RUN.json                         # re-evaluate from the kept weights
     python allnc.py --plot results/RUN.json                         # ICPA heatmaps, NC curves, features
     python allnc.py --benchmark                                     # images/s, projected run time
+    torchrun --standalone --nproc-per-node 8 allnc.py --dataset inat2018 ...   # one run on 8 GPUs (README)
 
 Equation numbers are the paper's. Importing this module trains nothing and downloads nothing.
 """
@@ -125,7 +126,7 @@ class Config:
     augment: bool = opt(True, "any augmentation at all (--no-augment: for checks only)")
     loader: str = opt("auto", "tensor (batched on the device) | pil (per-image DataLoader) | auto",
                       choices=("auto", "tensor", "pil"))
-    workers: int = opt(2, "DataLoader workers for the PIL path")
+    workers: int = opt(2, "DataLoader workers for the PIL path (per process under torchrun)")
     train_list: str = opt(None, "ImageNet-LT/iNat: standard train split list file (path label per line)")
     test_list: str = opt(None, "ImageNet-LT/iNat: standard test/val split list file")
     smoke: bool = opt(False, "replace the images by a tiny generated stand-in with the same classes and "
@@ -134,6 +135,8 @@ class Config:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     amp: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | off", choices=("auto", "bf16", "fp16", "off"))
     compile: bool = opt(False, "torch.compile the model")
+    dist_backend: str = opt("auto", "under torchrun: nccl (GPUs) | gloo (CPU processes) | auto (nccl on CUDA, "
+                            "gloo on CPU)", choices=("auto", "nccl", "gloo"))
     eval_every: int = opt(1, "evaluate test top-1 every K epochs (and the last)")
     nc_every: int = opt(10, "NC metrics on the un-augmented training set every K epochs (and the last); 0 = last only")
     out: str = opt("results", "directory for result JSONs and checkpoints")
@@ -181,7 +184,7 @@ ICPA_JSON_MAX = 100      # classes up to which the ICPA matrices stay inside the
 WIDTH_DEFAULT = {"cifar10": 64, "cifar100": 64}      # GLMC's ResNet-32 (nf=64); fmnist/synthetic: 16
 
 # Fields that do not change what a run computes; left out of the run name's hash.
-NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "nc_every",
+NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "nc_every", "dist_backend",
                 "data_root", "download", "train_list", "test_list"}
 # Fields added after results existed: left out of the hash at their default, so old names still match.
 HASHED_ONLY_IF_SET = {"n_max"}
@@ -368,10 +371,11 @@ def grw_weights(counts, rho=1.0):
 
 
 def grw_loss(logits, y, weights, reduction="batch"):
-    """Class-weighted CE. 'batch' divides by the batch size (Eq. 12's 1/N); 'weights' by sum w_y."""
+    """Class-weighted CE. 'batch' divides by the batch size (Eq. 12's 1/N); 'weights' by sum w_y
+    (of the global batch: each of the N processes divides its part by the mean over processes)."""
     ce = F.cross_entropy(logits.float(), y, reduction="none")
     wy = weights[y]
-    return (wy * ce).sum() / (len(y) if reduction == "batch" else wy.sum())
+    return (wy * ce).sum() / (len(y) if reduction == "batch" else global_sum(wy.sum()) / DIST.world)
 
 
 def gbbn_cls_loss(logits, y, eta, weights, w_rows, use_p2p, reduction="batch", ce_logits=None):
@@ -404,13 +408,14 @@ def cb_loss(logits, y, counts, beta=0.9999, w=None):
 def etf_dr_loss(h, M, y, balance=True, y_count=None):
     """Dot-regression loss of Yang et al. (reg_dot_loss): 0.5 mean((<h, Ew_y m_y> - Ew_y)^2) for unit h
     and unit m_y, i.e. 0.5 mean(Ew_y^2 (<h, m_y> - 1)^2). produce_Ew: Ew_c = sqrt((B / classes in the
-    batch) / count_c), counted on y_count (the un-mixed labels; default y); balance=False: Ew = 1."""
+    batch) / count_c), counted on y_count (the un-mixed labels; default y) over the global batch;
+    balance=False: Ew = 1."""
     dot = (h.float() * M.t()[y]).sum(1)
     per = 0.5 * (dot - 1) ** 2
     if balance:
         yc = y if y_count is None else y_count
-        cnt = torch.zeros(M.shape[1], device=y.device).index_add_(0, yc, torch.ones_like(yc, dtype=torch.float))
-        per = per * len(yc) / ((cnt > 0).sum() * cnt[y].clamp(min=1))
+        cnt = global_sum(torch.zeros(M.shape[1], device=y.device).index_add_(0, yc, torch.ones_like(yc, dtype=torch.float)))
+        per = per * cnt.sum() / ((cnt > 0).sum() * cnt[y].clamp(min=1))
     return per.mean()
 
 
@@ -428,10 +433,12 @@ def ncmc_loss(x, V, mask, k, y, theta, reg=6e-4):
 
 
 def batch_class_means(z, y, C):
-    """Mean of z over each class present in the batch (with gradient) and the present mask.
-    Counts by index_add_ (bincount on CUDA syncs with the host to size its output)."""
-    cnt = torch.zeros(C, device=z.device, dtype=z.dtype).index_add_(0, y, torch.ones_like(y, dtype=z.dtype))
-    sums = torch.zeros(C, z.shape[1], device=z.device, dtype=z.dtype).index_add(0, y, z)
+    """Mean of z over each class present in the (global) batch, with gradient, and the present mask.
+    Under torchrun the sums and counts are summed over the processes (global_sum), so every process
+    gets the global batch's means. Counts by index_add_ (bincount on CUDA syncs with the host)."""
+    cnt = torch.zeros(C, 1, device=z.device, dtype=z.dtype).index_add_(0, y, torch.ones(len(y), 1, device=z.device, dtype=z.dtype))
+    both = global_sum(torch.cat([torch.zeros(C, z.shape[1], device=z.device, dtype=z.dtype).index_add(0, y, z), cnt], 1))
+    sums, cnt = both[:, :-1], both[:, -1]
     return sums / cnt.clamp(min=1)[:, None], cnt > 0
 
 # ==============================================================================================
@@ -500,10 +507,12 @@ BASELINE_LOSS = {"ce": (loss_ce, "ce"), "rbl": (loss_ce, "ce"), "etf": (loss_etf
 
 def mixup(x, y, alpha, rng):
     """Input mixup (Zhang et al.; the ETF code's mixup_data): lam ~ Beta(alpha, alpha) and a random
-    pairing, drawn from the numpy RandomState rng (seeded per epoch: resume replays them)."""
+    pairing over the global batch (under torchrun the partners come from every process), drawn from
+    the numpy RandomState rng (seeded per epoch: resume replays them)."""
     lam = float(rng.beta(alpha, alpha))
-    perm = data_lt.to_device(torch.from_numpy(rng.permutation(len(y))), x.device)
-    return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+    xs, ys = gather_parts(x, len(y) * DIST.world), gather_parts(y, len(y) * DIST.world)
+    perm = data_lt.to_device(torch.from_numpy(rng.permutation(len(ys))[rank_part(len(ys))]), x.device)
+    return lam * x + (1 - lam) * xs[perm], y, ys[perm], lam
 
 
 def step_single(model, views, y, st):
@@ -610,19 +619,27 @@ class Data:
         cfg = self.cfg
         bs = bs or cfg.batch_size
         if cfg.loader == "tensor":        # the epoch is augmented from its own seed: a restart replays it
-            return data_lt.tensor_loader(self.xtr, self.ytr, self.info, bs, cfg.seed, epoch, views,
-                                         cfg.augment, cfg.randaug, cfg.autoaugment, cfg.cutout, start)
-        batches = data_lt.epoch_batches(self.n_train(), bs, cfg.seed, epoch)[start:]
-        return data_lt.pil_loader(self.pil, batches, cfg.workers, cfg.seed, epoch, self.device)
+            return data_lt.tensor_loader(self.xtr, self.ytr, self.info, bs, cfg.seed, epoch, views, cfg.augment,
+                                         cfg.randaug, cfg.autoaugment, cfg.cutout, start, rank=DIST.rank, world=DIST.world)
+        batches = data_lt.epoch_batches(self.n_train(), bs, cfg.seed, epoch)
+        batches = data_lt.rank_batches(batches, DIST.rank, DIST.world)[start:]     # this process's parts
+        return data_lt.pil_loader(self.pil, batches, cfg.workers, cfg.seed, epoch, self.device, DIST.rank)
+
+    def n_plain(self, train):
+        return self.n_train() if train else (len(self.xte) if hasattr(self, "xte") else len(self.test))
 
     def plain(self, train):
-        """Un-augmented (images, labels) batches of the training or test set."""
+        """Un-augmented (images, labels) batches of the training or test set; under torchrun this
+        process's rank_part of it."""
+        part = rank_part(self.n_plain(train))
         if hasattr(self, "xtr"):
             x, y = (self.xtr, self.ytr) if train else (self.xte, self.yte)
+            x, y = x[part], y[part]
             for i in range(0, len(x), 1024):
                 yield data_lt.to_float(x[i:i + 1024], self.info.mean, self.info.std), y[i:i + 1024]
             return
         ds = self.plain_train if train else self.test
+        ds = torch.utils.data.Subset(ds, range(part.start, part.stop)) if DIST.on else ds
         dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=self.cfg.workers)
         for x, y in dl:
             yield x.to(self.device), y.to(self.device)
@@ -667,10 +684,11 @@ def evaluate(model, data, st):
     C = data.C
     correct = torch.zeros(C, dtype=torch.float64, device=data.device)
     total = torch.zeros(C, dtype=torch.float64, device=data.device)
-    for x, y in data.plain(train=False):
+    for x, y in data.plain(train=False):            # under torchrun: this process's part, then summed
         pred = eval_logits(model, x, st).argmax(1)
         total.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         correct.index_add_(0, y, (pred == y).double())
+    reduce_(correct), reduce_(total)
     model.train()
     acc = (correct / total.clamp(min=1)).cpu()
     out = {"top1": 100 * correct.sum().item() / max(total.sum().item(), 1)}
@@ -750,8 +768,9 @@ def train_nc_metrics(model, data, st, icpa=False):
         ys.append(y)
     model.train()
     head = model.head
-    return nc_metrics(torch.cat(hs), torch.cat(ys), head.classifier_weight().float(),
-                      head.classifier_bias(), icpa=icpa)
+    n = data.n_plain(train=True)            # under torchrun: every process's part, in order
+    return nc_metrics(gather_parts(torch.cat(hs), n), gather_parts(torch.cat(ys), n),
+                      head.classifier_weight().float(), head.classifier_bias(), icpa=icpa)
 
 # ==============================================================================================
 # Training
@@ -770,6 +789,7 @@ class TrainState:
         self.step = STEPS[cfg.method]
         self.progress = None         # a Progress when the run prints
         self.best_model = None       # a CPU copy of the best test epoch's weights (checkpointed with the run)
+        self.ddp, self.ddp_stage = None, None   # under torchrun: DDP around the step, for this stage
         if cfg.compile:              # the whole step: model, heads and losses (fixed shapes, no syncs)
             self.step = torch.compile(self.step)
         self.mix_rng = np.random.RandomState(cfg.seed)    # mixup draws; re-seeded at every epoch
@@ -879,7 +899,7 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
     batches = data.train_batches(epoch, views, start=start)
     for i, (xs, y) in enumerate(batches, start=start):
         with st.autocast():
-            loss, terms = step_fn(model, xs, y, st)
+            loss, terms = st.ddp(step_fn, xs, y) if st.ddp else step_fn(model, xs, y, st)
         opt.zero_grad(set_to_none=True)
         if st.scaler:
             st.scaler.scale(loss).backward()
@@ -898,16 +918,18 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
         first_bad = torch.where(bad & (first_bad < 0), torch.full_like(vec, float(i)), first_bad)
         sums += torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)
         n += 1
-        imgs += len(y) * views
+        imgs += len(y) * views * DIST.world
         if st.progress is not None:
             st.progress(epoch, i + 1, imgs, time.time() - t0)
-        if STOP["signal"] is not None:
+        if stop_requested(i + 1):
+            sums, first_bad = across_processes(sums, first_bad)
             raise Preempted({"epoch": epoch, "step": i + 1, "sums": sums, "first_bad": first_bad, "n": n,
                              "imgs": imgs, "keys": keys, "mix_state": st.mix_rng.get_state(),
                              "time": time.time() - t0})
     if n == 0:
         raise DataError(f"the training set ({data.n_train()} images) is smaller than one batch "
                         f"({cfg.batch_size}); lower --batch-size")
+    sums, first_bad = across_processes(sums, first_bad)
     if (first_bad >= 0).any():      # one sync per epoch
         fb = first_bad.tolist()
         step = min(s for s in fb if s >= 0)
@@ -919,6 +941,17 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
         max_norm_(model.head.fc.weight, st.maxnorm_cap)          # once, after the epoch's steps
     dt = time.time() - t0
     return {k: v / n for k, v in zip(keys, sums.tolist())} | {"lr": lr, "img_per_s": imgs / dt, "time": dt}, n
+
+
+def across_processes(sums, first_bad):
+    """The epoch's loss sums as one process would have them: each process holds its part's mean of
+    every global batch, so the global means are the average over processes; and the first step at
+    which any process saw a non-finite term (-1: none)."""
+    if not DIST.on:
+        return sums, first_bad
+    never = torch.full_like(first_bad, float("inf"))
+    first = reduce_(torch.where(first_bad < 0, never, first_bad), "min")
+    return reduce_(sums.clone()) / DIST.world, torch.where(torch.isinf(first), torch.full_like(first, -1), first)
 
 
 def step_stage2(model, views, y, st):
@@ -1001,11 +1034,171 @@ def load_result(path):
 def load_checkpoint(path, cfg):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        if ck["config"] != dataclasses.asdict(cfg) | {k: ck["config"].get(k) for k in NOT_IDENTITY}:
+        same = all(ck["config"].get(k) == v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY)
+        if not same:
             return None
         return ck
     except Exception:
         return None
+
+# ==============================================================================================
+# Several processes (torchrun): one run on N processes with the numbers of one process. The global
+# batch is split evenly in rank order; the step functions do not know how many processes there are:
+# global_sum() gives them the global batch's class sums and counts, and everything else lives here,
+# at the edges (which rows a process trains on, gradient averaging, who writes).
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+STOP_CHECK_EVERY = 20      # steps between the processes' agreement on a pending signal
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str = None
+    cpu_group: object = None   # gloo group for host-side flags and objects (None: the default group)
+
+    @property
+    def on(self):
+        return self.world > 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+DIST = Dist()                  # replaced by setup_distributed() under torchrun
+
+
+def global_sum(t):
+    """t summed over the processes, differentiable: each process's part gets the gradient of the
+    global result (one process: t itself)."""
+    return models.all_reduce_sum(t) if DIST.on else t
+
+
+def reduce_(t, op="sum"):
+    """In place, without gradient: t summed (or min, max) over the processes."""
+    if DIST.on:
+        torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
+    return t
+
+
+def rank_part(n):
+    """This process's share of n items split evenly in rank order."""
+    return slice(n * DIST.rank // DIST.world, n * (DIST.rank + 1) // DIST.world)
+
+
+def gather_parts(t, n):
+    """t holds this process's rank_part(n) rows; returns all n rows in order, on every process."""
+    if not DIST.on:
+        return t
+    sizes = [n * (r + 1) // DIST.world - n * r // DIST.world for r in range(DIST.world)]
+    buf = t.new_zeros((max(sizes),) + t.shape[1:])
+    buf[:len(t)] = t
+    parts = [torch.empty_like(buf) for _ in range(DIST.world)]
+    torch.distributed.all_gather(parts, buf)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+
+def broadcast(obj):
+    """Rank 0's obj (a checkpoint, a decision) on every process."""
+    if not DIST.on:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, group=DIST.cpu_group)
+    return box[0]
+
+
+def stop_requested(step=None):
+    """A stop signal is pending. Under torchrun the processes agree every STOP_CHECK_EVERY steps and
+    at the end of each epoch (host-side, no device sync), so that all stop after the same step."""
+    if not DIST.on:
+        return STOP["signal"] is not None
+    if step is not None and step % STOP_CHECK_EVERY:
+        return False
+    flag = torch.tensor([0 if STOP["signal"] is None else STOP["signal"]])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=DIST.cpu_group)
+    if flag.item():
+        STOP["signal"] = STOP["signal"] or int(flag.item())
+    return STOP["signal"] is not None
+
+
+def torchrun_env(environ=None):
+    """(rank, world size, local rank) from torchrun's environment, None without torchrun."""
+    environ = os.environ if environ is None else environ
+    have = [k for k in TORCHRUN_ENV if k in environ]
+    if not have:
+        return None
+    if len(have) < len(TORCHRUN_ENV):
+        missing = [k for k in TORCHRUN_ENV if k not in environ]
+        raise DataError(f"the torchrun environment is incomplete ({', '.join(have)} set, {', '.join(missing)} "
+                        f"missing): launch with torchrun --nproc-per-node N allnc.py ..., or unset "
+                        f"{', '.join(have)} to run one process")
+    try:
+        rank, world, local = (int(environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError:
+        raise DataError("RANK, WORLD_SIZE and LOCAL_RANK must be integers: launch with torchrun") from None
+    if not (world >= 1 and 0 <= rank < world and local >= 0):
+        raise DataError(f"RANK {rank} of WORLD_SIZE {world} (LOCAL_RANK {local}) is not a valid place: launch with torchrun")
+    return rank, world, local
+
+
+def check_split(cfg, world):
+    if cfg.batch_size % world:
+        raise DataError(f"--batch-size {cfg.batch_size} is the global batch and does not split over {world} "
+                        f"processes: give a multiple of {world}")
+
+
+def setup_distributed(cfg):
+    """Under torchrun with WORLD_SIZE > 1: check the launch against cfg, give this process its
+    device (cuda:LOCAL_RANK or the CPU) and join the process group. Raises DataError on a bad launch."""
+    env = torchrun_env()
+    if env is None or env[1] == 1:
+        return Dist()
+    rank, world, local = env
+    check_split(cfg, world)
+    if cfg.device.startswith("cuda:"):
+        raise DataError(f"--device {cfg.device}: under torchrun each process takes cuda:LOCAL_RANK; give --device cuda")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise DataError("--dist-backend nccl needs GPUs and this machine has none: use --dist-backend gloo "
+                        "(CPU processes)")
+    if backend == "nccl" and not cuda:
+        raise DataError("--dist-backend nccl runs on GPUs: drop --device cpu, or use --dist-backend gloo")
+    if backend == "gloo" and cuda:
+        raise DataError("--dist-backend gloo runs CPU processes: on GPUs use nccl (the default), or add --device cpu")
+    if cuda:
+        n = torch.cuda.device_count()
+        if local >= n:
+            raise DataError(f"LOCAL_RANK {local}, but this machine has {n} GPU(s): --nproc-per-node at most {n}")
+        torch.cuda.set_device(local)
+    cfg.device = f"cuda:{local}" if cuda else "cpu"
+    torch.distributed.init_process_group(backend)
+    group = torch.distributed.new_group(backend="gloo") if backend == "nccl" else None
+    return Dist(rank, world, local, backend, group)
+
+
+class Replicated(nn.Module):
+    """The training step as one module, so that DistributedDataParallel sees every use of the
+    parameters (heads, projections, P2P on the classifier rows) inside its forward."""
+
+    def __init__(self, model, st):
+        super().__init__()
+        self.model, self.st = model, st
+
+    def forward(self, step_fn, views, y):
+        return step_fn(self.model, views, y, self.st)
+
+
+def replicate(model, st, device):
+    """DDP around the step: gradients averaged over the processes (static graph: which parameters
+    take part is fixed within a stage; AllNC++'s stage 2 gets a new wrapper)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(Replicated(model, st), device_ids=[device.index] if device.type == "cuda" else None,
+                                   static_graph=True, forward_sync_buffers=False)
 
 # ==============================================================================================
 # The run
@@ -1073,14 +1266,15 @@ def acquire_lock(path):
 def run(cfg, quiet=False):
     """Train and evaluate one configuration; returns the result dict (also written to --out), or
     None if another process is training the same configuration into the same --out."""
+    quiet = quiet or not DIST.main          # under torchrun rank 0 prints and writes
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     say.quiet = quiet
     device = pick_device(cfg.device)
     name = run_name(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     res_path, ck_path = os.path.join(cfg.out, name + ".json"), os.path.join(cfg.out, name + ".ckpt")
-    lock = acquire_lock(os.path.join(cfg.out, name + ".lock"))
-    if lock is None:
+    lock = acquire_lock(os.path.join(cfg.out, name + ".lock")) if DIST.main else None
+    if not broadcast(lock is not None):
         say(f"skip (running elsewhere): another process is training {name} into {cfg.out}")
         return None
     try:
@@ -1093,7 +1287,8 @@ def run(cfg, quiet=False):
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def save_checkpoint(ck_path, cfg, epoch, log, model, opt, st, partial=None):
@@ -1119,25 +1314,31 @@ def save_weights(path, model):
 
 def train_run(cfg, name, res_path, ck_path, device, say):
     best_path, final_path = res_path[:-5] + ".best.pt", res_path[:-5] + ".pt"
-    if os.path.exists(res_path) and not cfg.force:
+    done = None
+    if DIST.main and os.path.exists(res_path) and not cfg.force:
         done = load_result(res_path)
-        if done:
-            say(f"skip (done): {res_path} exists (--force to re-run)")
-            return done
-        bad = res_path + ".corrupt"
-        os.replace(res_path, bad)
-        say(f"warning: {res_path} was partial or corrupt; moved to {bad} and re-running")
+        if not done:
+            bad = res_path + ".corrupt"
+            os.replace(res_path, bad)
+            say(f"warning: {res_path} was partial or corrupt; moved to {bad} and re-running")
+    if broadcast(done is not None):
+        say(f"skip (done): {res_path} exists (--force to re-run)")
+        return done or {}
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = Data(cfg, device)
     st = TrainState(cfg, data, device)
-    model = build_model(cfg, data.C, data.counts, data.in_channels).to(device)
+    model = build_model(cfg, data.C, data.counts, data.in_channels)
+    if DIST.on:                  # BatchNorm statistics of the global batch
+        model = models.sync_batchnorm(model, device)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     log, start, partial = [], 1, None
-    ck = None if cfg.force else (load_checkpoint(ck_path, cfg) if os.path.exists(ck_path) else None)
+    mine = DIST.main and not cfg.force and os.path.exists(ck_path)
+    ck = broadcast(load_checkpoint(ck_path, cfg) if mine else None)      # every process resumes from rank 0's
     total_epochs = cfg.epochs + cfg.wb_stage2_epochs
     if ck:
         partial = ck.get("partial")
@@ -1155,7 +1356,8 @@ def train_run(cfg, name, res_path, ck_path, device, say):
     steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
     if not getattr(say, "quiet", False):
         st.progress = Progress(total_epochs, steps, start, sys.stdout.isatty(), partial["step"] if partial else 0)
-    say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}, "
+    procs = f" x {DIST.world} processes ({DIST.backend}, {cfg.batch_size // DIST.world} images each)" if DIST.on else ""
+    say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}{procs}, "
         f"amp {st.dtype or 'off'}, loader {cfg.loader}")
     for epoch in range(start, total_epochs + 1):
         stage2 = epoch > cfg.epochs
@@ -1164,12 +1366,15 @@ def train_run(cfg, name, res_path, ck_path, device, say):
         if not partial and cfg.method == "allnc++" and (epoch == cfg.epochs + 1 or (epoch == 1 and cfg.maxnorm_stage1)):
             st.maxnorm_cap = maxnorm_cap(model.head.fc.weight, cfg.maxnorm, cfg.maxnorm_mode)   # per stage
         st.eta = eta_for(cfg, min(epoch, cfg.epochs))
+        if DIST.on and st.ddp_stage != stage2:
+            st.ddp, st.ddp_stage = replicate(model, st, device), stage2
         e = epoch - cfg.epochs if stage2 else epoch
         n_ep = cfg.wb_stage2_epochs if stage2 else cfg.epochs
         try:
             row, _ = train_epoch(model, opt, data, st, epoch, e, n_ep, stage2, partial)
         except Preempted as p:
-            save_checkpoint(ck_path, cfg, epoch - 1, log, model, opt, st, p.args[0])
+            if DIST.main:
+                save_checkpoint(ck_path, cfg, epoch - 1, log, model, opt, st, p.args[0])
             stop(f"at epoch {epoch}, step {p.args[0]['step']} of {steps}", ck_path)
         partial = None
         row = {"epoch": epoch, "stage": 2 if stage2 else 1} | ({"eta": st.eta} if cfg.method.startswith("allnc") else {}) | row
@@ -1180,27 +1385,31 @@ def train_run(cfg, name, res_path, ck_path, device, say):
             row["nc"] = train_nc_metrics(model, data, st)
         prev = best_epoch(log)
         log.append(row)
-        if "test" in row and (prev is None or row["test"]["top1"] > prev["top1"]):   # the best test epoch so far
+        if DIST.main and "test" in row and (prev is None or row["test"]["top1"] > prev["top1"]):   # best so far
             st.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if st.progress:
             st.progress.clear()
         say(progress_line(row, total_epochs))
-        save_checkpoint(ck_path, cfg, epoch, log, model, opt, st)
-        if STOP["signal"] is not None and not last:
+        if DIST.main:
+            save_checkpoint(ck_path, cfg, epoch, log, model, opt, st)
+        if not last and stop_requested():
             stop(f"after epoch {epoch}", ck_path)
     final = evaluate(model, data, st)
     final["nc"] = train_nc_metrics(model, data, st, icpa=True)
+    best = best_epoch(log)
+    result = {"version": 2, "name": name, "world_size": DIST.world, "config": dataclasses.asdict(cfg),
+              "counts": data.counts, "n_train": data.n_train(), "device": str(device), "log": log, "final": final,
+              "best": best, "complete": True}
+    if not DIST.main:
+        return result
     if data.C > ICPA_JSON_MAX:     # two C x C matrices: beside the JSON, never loaded by --tables
         icpa = {k: torch.tensor(final["nc"].pop(k), dtype=torch.float16) for k in ("icpa_mu", "icpa_w")}
         atomic_write(res_path[:-5] + ".icpa.pt", lambda f: f.write(torch_bytes(icpa)))
         final["nc"]["icpa_file"] = os.path.basename(res_path[:-5] + ".icpa.pt")
-    best = best_epoch(log)
     weights = {"final": save_weights(final_path, model)}
     if best and st.best_model is not None:
         weights["best"] = {"epoch": best["epoch"]} | save_weights(best_path, st.best_model)
-    result = {"version": 2, "name": name, "config": dataclasses.asdict(cfg), "counts": data.counts,
-              "n_train": data.n_train(), "device": str(device), "log": log, "final": final,
-              "best": best, "weights": weights, "complete": True}
+    result["weights"] = weights
     save_json(res_path, result)
     if os.path.exists(ck_path):
         os.remove(ck_path)
@@ -1890,6 +2099,32 @@ def benchmark(cfg, steps=20, warm=5):
           f"plus {evals:.0f} test-set-sized evaluations at {fwd_rate:.0f} images/s)")
     return {"a": a, "a2": a2, "b": b, "c": c, "aug": aug, "b_all": b_all, "total_s": total}
 
+def benchmark_loader(cfg, steps=20):
+    """ImageFolder data (ImageNet-LT, iNat): images/s of the training loader alone (JPEG decode,
+    RandomResizedCrop, ColorJitter, RandAugment, every view) for 1, 2, 4, ... up to --workers
+    DataLoader workers: what one process's loader feeds, to size --workers per process."""
+    device = pick_device(cfg.device)
+    data = Data(cfg, device)
+    V = VIEWS[cfg.method]
+    batches = data_lt.epoch_batches(data.n_train(), cfg.batch_size, cfg.seed, 1)
+    steps = min(steps, len(batches) - 1)
+    if steps < 1:
+        raise DataError(f"--benchmark needs at least 2 batches of {cfg.batch_size} images; lower --batch-size")
+    counts = sorted({w for w in (1, 2, 4, 8, 16, 32, 64) if w < cfg.workers} | {max(cfg.workers, 0)})
+    print(f"benchmark: {cfg.dataset} loader, {data.n_train()} training images, batch {cfg.batch_size} x {V} views "
+          f"at {min(data.info.size, 224)} px, RandAugment {cfg.randaug}, {steps} timed batches "
+          f"after the first, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"| {'workers':>7} | {'images/s':>9} | {'views/s':>9} | {'views/s per worker':>18} |")
+    rates = {}
+    for w in counts:
+        it = data_lt.pil_loader(data.pil, batches[:steps + 1], w, cfg.seed, 1, device)
+        next(it)                                    # workers started, first batch out
+        t = time.time()
+        n = sum(len(y) for _, y in it)
+        rates[w] = n / (time.time() - t)
+        print(f"| {w:>7} | {rates[w]:9.1f} | {rates[w] * V:9.1f} | {rates[w] * V / max(w, 1):18.1f} |")
+    return rates
+
 # ==============================================================================================
 # Command line
 
@@ -1914,7 +2149,8 @@ def parse_args(argv=None):
         p.add_argument(flag, dest=f.name, type=typ, default=f.default, choices=meta.get("choices"), help=meta["help"])
     p.add_argument("--tables", metavar="DIR", help="print the paper's tables from the result JSONs in DIR")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="draw ICPA heatmaps and NC curves (PNG, into --out)")
-    p.add_argument("--benchmark", action="store_true", help="images/s of bare model, tensor loader, PIL loader")
+    p.add_argument("--benchmark", action="store_true", help="images/s of bare model, tensor loader, PIL loader; "
+                   "ImageNet-LT / iNat: of the ImageFolder loader per --workers count")
     p.add_argument("--compare", metavar="METHOD", choices=METHODS, help="also train METHOD on the same split, "
                    "budget and seed, and print both side by side (e.g. --compare ce)")
     p.add_argument("--eval", metavar="RESULT", help="re-evaluate a finished run from RESULT.json (final weights) or "
@@ -1930,8 +2166,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    global DIST
     cfg, extra = parse_args(argv)
     try:
+        env = torchrun_env()
+        mode = next((k for k in ("tables", "plot", "eval", "benchmark") if extra[k]), None)
+        if env and env[1] > 1 and mode:
+            raise DataError(f"--{mode} runs in one process: start it with python, not torchrun")
         if extra["tables"]:
             if not os.path.isdir(extra["tables"]):
                 raise DataError(f"{extra['tables']} is not a directory of result JSONs")
@@ -1957,14 +2198,20 @@ def main(argv=None):
             other = resolve(dataclasses.replace(user, method=m, name=None,
                                                 recipe=user.recipe if m in RECIPES else "allnc"), extra["explicit"])
         if extra["benchmark"]:
-            if data_lt.DATASETS[cfg.dataset].kind == "folder":
-                raise DataError("--benchmark times the tensor path: use cifar10, cifar100, fmnist or synthetic")
-            benchmark(cfg, extra["benchmark_steps"])
+            if data_lt.DATASETS[cfg.dataset].kind == "folder":     # the loader is what limits these
+                benchmark_loader(cfg, extra["benchmark_steps"])
+            else:
+                benchmark(cfg, extra["benchmark_steps"])
             return 0
+        if other is not None and env:
+            check_split(other, env[1])
+        DIST = setup_distributed(cfg)             # torchrun: this process's device and the process group
+        if other is not None:
+            other.device = cfg.device
         result = run(cfg)
         if other is not None and result is not None:
             second = run(other)
-            if second is not None:
+            if second is not None and DIST.main:
                 print()
                 print(compare_table(result, second))
                 return 0
@@ -1972,25 +2219,49 @@ def main(argv=None):
         msg = str(e).strip()
         if "Traceback" in msg:     # raised in a DataLoader worker: keep our own last line
             msg = msg.splitlines()[-1].split("DataError: ", 1)[-1]
-        print(f"error: {msg}", file=sys.stderr)
+        # before the process group exists every process finds the same fault: one line per machine
+        if DIST.on or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {rank_tag()}{msg}", file=sys.stderr)
         return 2
     except NonFinite as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr) if DIST.main else None
         return 3
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 74
     except Interrupted as e:
-        print(f"\n{e.args[0]}", file=sys.stderr)
+        print(f"\n{e.args[0]}", file=sys.stderr) if DIST.main else None
         return e.args[1]
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
-    if result is None:            # another process trains this configuration
+    except RuntimeError as e:
+        if not (DIST.on and lost_peer(e)):
+            raise
+        print(f"error: {rank_tag()}lost another process of the run ({str(e).strip().splitlines()[0][:160]}); "
+              f"the checkpoint of the last finished epoch is kept: run the same torchrun command to resume",
+              file=sys.stderr)
+        return 75
+    finally:
+        if DIST.on and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if result is None or not DIST.main:    # another process trains this configuration; or not rank 0
         return 0
     print()
     print(run_table(result))
     return 0
+
+
+def rank_tag():
+    return f"[rank {DIST.rank}] " if DIST.on else ""
+
+
+def lost_peer(e):
+    """A collective failed because another process of the run died or hung (torchrun stops the
+    rest), as opposed to a bug: the message of gloo's, NCCL's or the store's error."""
+    text = str(e).lower()
+    return isinstance(e, torch.distributed.DistError) or any(
+        k in text for k in ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out"))
 
 
 if __name__ == "__main__":

@@ -590,6 +590,17 @@ def epoch_batches(n, batch_size, seed, epoch, drop_last=True):
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
+def rank_batches(batches, rank, world):
+    """Each batch's share of process `rank` of `world` (torchrun): the global batch split evenly in
+    rank order, so that the N processes together train on exactly the batches of one process."""
+    if world == 1:
+        return batches
+    if any(len(b) % world for b in batches):
+        raise DataError(f"a batch of {min(len(b) for b in batches)} images does not split over {world} processes "
+                        f"(the training set is smaller than one batch); lower --batch-size or the process count")
+    return [b[rank * (len(b) // world):(rank + 1) * (len(b) // world)] for b in batches]
+
+
 def to_device(t, device):
     """A CPU tensor onto `device` without making the host wait (pinned memory, non-blocking copy)."""
     if device.type == "cuda":
@@ -608,16 +619,18 @@ def augment_set(x, gen, info, randaug="timm", autoaugment=False, cutout_px=0, ch
 
 
 def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, randaug="timm", autoaugment=False,
-                  cutout_px=0, start=0, chunk=2048):
+                  cutout_px=0, start=0, chunk=2048, rank=0, world=1):
     """Yield (views, labels) batches of a device-resident uint8 training set, from batch `start` on.
     At the start of the epoch the permuted set is gathered once and each view of it augmented in a
     few chunked calls; the batches are then slices, normalised per batch (no host-device sync, no
     per-step copies). Random decisions come from a CPU generator seeded by (seed, epoch): the same
-    on every device, and the same epoch again on resume."""
+    on every device, and the same epoch again on resume. Under torchrun every process augments the
+    whole epoch (the same draws as one process) and yields its rank's part of each batch."""
     gen = torch.Generator().manual_seed(seed * 100003 + epoch + 7)
     batches = epoch_batches(len(x), batch_size, seed, epoch)
     if not batches:
         return
+    parts = rank_batches(batches, rank, world)
     order = to_device(torch.cat(batches), x.device)
     xs, ys = x[order], y[order]
     if augment:
@@ -625,7 +638,8 @@ def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, ra
     else:
         views_u8 = [xs] * views
     for b in range(start, len(batches)):
-        sl = slice(b * batch_size, b * batch_size + len(batches[b]))
+        lo = b * batch_size + rank * len(parts[b])
+        sl = slice(lo, lo + len(parts[b]))
         yield [to_float(v[sl], info.mean, info.std) for v in views_u8], ys[sl]
 
 
@@ -703,11 +717,13 @@ def quiet_worker(_):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def pil_loader(dataset, batches, workers, seed, epoch, device):
+def pil_loader(dataset, batches, workers, seed, epoch, device, rank=0):
+    """The given index batches (this process's parts under torchrun) through `workers` DataLoader
+    workers; the augmentation draws are seeded by (seed, epoch, rank)."""
     dl = torch.utils.data.DataLoader(dataset, batch_sampler=FixedBatches(batches), num_workers=workers,
                                      worker_init_fn=quiet_worker if workers else None,
                                      pin_memory=device.type == "cuda", persistent_workers=False,
-                                     generator=torch.Generator().manual_seed(seed * 100003 + epoch + 11))
+                                     generator=torch.Generator().manual_seed(seed * 100003 + epoch + 11 + 1000003 * rank))
     for *views, y in dl:
         yield [v.to(device, non_blocking=True) for v in views], y.to(device, non_blocking=True)
 

@@ -274,6 +274,61 @@ class Net(nn.Module):
         return feat, logits, h
 
 
+def all_reduce_sum(t):
+    """The sum of t over the processes of a torchrun job; differentiable (backward sums the
+    gradients, so each process's part gets the gradient of the global result)."""
+    from torch.distributed import _functional_collectives as funcol, group
+    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group.WORLD))
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with the statistics of the global batch of a torchrun job on CPU processes (gloo),
+    where nn.SyncBatchNorm refuses to run. In training the per-channel sum, sum of squares and count
+    are all-reduced (float64, with gradient: backward sees the global batch too); evaluation uses
+    the running statistics, updated as nn.BatchNorm's (unbiased variance, momentum)."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
+
+    def forward(self, x):
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        C, dims = x.shape[1], [0] + list(range(2, x.dim()))
+        xd = x.double()
+        stats = all_reduce_sum(torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_full((1,), x.numel() / C)]))
+        n = stats[-1]
+        mean = stats[:C] / n
+        var = (stats[C:2 * C] / n - mean * mean).clamp(min=0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+            self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1).clamp(min=1)).to(self.running_var.dtype))
+        shape = [1, C] + [1] * (x.dim() - 2)
+        y = (x - mean.to(x.dtype).view(shape)) * torch.rsqrt(var + self.eps).to(x.dtype).view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(module, device):
+    """Every BatchNorm of `module` computing its statistics over the global batch of a torchrun job:
+    nn.SyncBatchNorm on CUDA (NCCL), GlobalBatchNorm on CPU. Parameters and buffers are kept (the
+    same tensors), so state dicts and checkpoints are those of the plain model."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)
+        bn.weight, bn.bias = module.weight, module.bias
+        bn.running_mean, bn.running_var = module.running_mean, module.running_var
+        bn.num_batches_tracked = module.num_batches_tracked
+        bn.train(module.training)
+        return bn
+    for name, child in module.named_children():
+        setattr(module, name, sync_batchnorm(child, device))
+    return module
+
+
 def count_params(m):
     return sum(p.numel() for p in m.parameters())
 

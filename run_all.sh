@@ -19,6 +19,12 @@
 #   IMAGENET_LT_TRAIN_LIST=, IMAGENET_LT_TEST_LIST=   the standard split files, if you have them
 #   INAT2018_ROOT=         ImageFolder root of iNaturalist 2018 -> Table IV
 #   INAT2018_TRAIN_LIST=, INAT2018_TEST_LIST=
+#   NPROC=1                processes per run for Tables III and IV: NPROC > 1 launches each of their runs
+#                          through torchrun on NPROC GPUs (those in GPUS, else all visible); --batch-size
+#                          stays the global batch. Best with --only III / --only IV (they take the GPUs)
+#   TORCHRUN_ARGS=--standalone   torchrun's arguments besides --nproc-per-node. Two machines: the same
+#                          command on both, with TORCHRUN_ARGS="--nnodes 2 --node-rank R --master-addr HOST0
+#                          --master-port 29500" (R = 0 on HOST0, whose RESULTS get the JSONs; 1 on the other)
 #   WIDTH=                 CIFAR ResNet base width for every AllNC-recipe run (default: allnc.py's, 64 on
 #                          CIFAR as GLMC's ResNet-32; WIDTH=16: the thin 0.46M network). Baselines run
 #                          with --recipe own keep their recipe's network.
@@ -36,13 +42,15 @@ SEEDS=${SEEDS:-0}
 RESULTS=${RESULTS:-results}
 EXTRA=${EXTRA:-}
 WIDTH=${WIDTH:-}
+NPROC=${NPROC:-1}
+TORCHRUN_ARGS=${TORCHRUN_ARGS:---standalone}
 ONLY=""
 LIST=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --list) LIST=1 ;;
     --only) shift; ONLY=${1:-}; [ -n "$ONLY" ] || { echo "error: --only needs a table: II III IV V VI VII 8" >&2; exit 2; } ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $1; use --list, --only TABLE or --help" >&2; exit 2 ;;
   esac
   shift
@@ -50,6 +58,13 @@ done
 ONLY=${ONLY#Table }; ONLY=${ONLY#Fig. }; ONLY=${ONLY#Fig}
 case "$ONLY" in ""|II|III|IV|V|VI|VII|8) ;; *) echo "error: --only $ONLY: use II III IV V VI VII or 8" >&2; exit 2 ;; esac
 case "$SCALE" in full|smoke|cpu) ;; *) echo "error: SCALE=$SCALE: use full, smoke or cpu" >&2; exit 2 ;; esac
+[ "$NPROC" -ge 1 ] 2>/dev/null || { echo "error: NPROC=$NPROC: give the processes per run, a positive integer" >&2; exit 2; }
+
+launcher() {  # table -> how its runs start: one process, or torchrun with NPROC (Tables III and IV)
+  case "$1" in "Table III"|"Table IV") if [ "$NPROC" -gt 1 ]; then
+    echo "$PYTHON -m torch.distributed.run $TORCHRUN_ARGS --nproc-per-node $NPROC"; return; fi ;; esac
+  echo "$PYTHON"
+}
 
 # gamma of the Table II AllNC runs (Table VI's best rows reproduce Table II's CIFAR-100-LT numbers:
 # imb 200 -> 2, imb 100 -> 3; the paper does not say for the others, we use 2). Keep in step with
@@ -142,7 +157,7 @@ fi
 if [ "$LIST" = 1 ]; then
   selected | while IFS=$'\t' read -r table args; do
     case "$args" in SKIP*) printf '%-9s  skipped (%s)\n' "$table" "${args#SKIP }" ;;
-      *) printf '%-9s  %s allnc.py %s %s--seed S --out %s\n' "$table" "$PYTHON" "$args" "${SCALE_ARGS:+$SCALE_ARGS }" "$RESULTS" ;; esac
+      *) printf '%-9s  %s allnc.py %s %s--seed S --out %s\n' "$table" "$(launcher "$table")" "$args" "${SCALE_ARGS:+$SCALE_ARGS }" "$RESULTS" ;; esac
   done
   echo "seeds: $SEEDS"
   exit 0
@@ -166,9 +181,13 @@ worker() {  # worker w runs every JOBS-th configuration
     IFS=$'\t' read -r table args seed <<< "$line"
     case "$args" in SKIP*) echo "[$k/${#RUNS[@]}] $table: skipped (${args#SKIP })"; continue ;; esac
     log="$RESULTS/logs/$(echo "$table $args s$seed" | tr -c 'A-Za-z0-9.=+-' '_').log"
-    if [ ${#GPU_LIST[@]} -gt 0 ]; then export CUDA_VISIBLE_DEVICES=${GPU_LIST[$((w % ${#GPU_LIST[@]}))]}; fi
+    launch=$(launcher "$table")
+    if [ ${#GPU_LIST[@]} -gt 0 ]; then
+      if [ "$launch" = "$PYTHON" ]; then export CUDA_VISIBLE_DEVICES=${GPU_LIST[$((w % ${#GPU_LIST[@]}))]}
+      else export CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${GPU_LIST[*]}"); fi      # torchrun: all of them
+    fi
     # shellcheck disable=SC2086
-    $PYTHON allnc.py $args $SCALE_ARGS $EXTRA --seed "$seed" --out "$RESULTS" > "$log" 2>&1
+    $launch allnc.py $args $SCALE_ARGS $EXTRA --seed "$seed" --out "$RESULTS" > "$log" 2>&1
     rc=$?
     if [ $rc = 0 ] && grep -q '^skip (done)' "$log"; then echo "[$k/${#RUNS[@]}] $table: $args seed $seed: skip (done)"
     elif [ $rc = 0 ] && grep -q '^skip (running elsewhere)' "$log"; then

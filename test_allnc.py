@@ -1011,7 +1011,7 @@ BAD_VALUES = {   # field -> invalid command-line values (every Config field that
     "n_max": ["0", "100000", "x"], "device": ["foo"] + ([] if torch.cuda.is_available() else ["cuda"]), "dataset": ["imagenet"], "method": ["foo"], "imb_type": ["foo"], "arch": ["foo"],
     "grw_reduction": ["foo"], "p2p_space": ["foo"], "randaug": ["foo"], "lt_subset": ["foo"], "loader": ["foo"],
     "amp": ["foo"], "heads": ["3"], "proj": ["foo"], "maxnorm_mode": ["foo"], "maxnorm_every": ["foo"],
-    "ncmc_centers": ["foo"], "lr_schedule": ["foo"], "recipe": ["foo"],
+    "ncmc_centers": ["foo"], "lr_schedule": ["foo"], "recipe": ["foo"], "dist_backend": ["foo"],
 }
 BAD_COMBINATIONS = [["--dataset", "cifar100", "--method", "etf", "--width", "16"],
                     ["--dataset", "imagenet_lt", "--loader", "tensor"], ["--method", "allnc", "--recipe", "own"],
@@ -1394,3 +1394,143 @@ def test_study_tables_mark_differences_within_the_seed_spread(capsys):
     assert "61.00±0.82" in ce and "-11.00 " in ce and "~" not in ce                     # outside the spread
     wo = next(l for l in out.splitlines() if l.startswith("| w/o p2p"))
     assert "+0.00~" in wo                                                                # same mean: within
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun, gloo on the CPU)
+
+TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+DIST_ARGS = ["allnc.py", "--dataset", "synthetic", "--imb", "10", "--depth", "8", "--nc-every", "1", "--no-augment",
+             "--device", "cpu", "--name", "r"]
+
+
+def torchrun(*args, timeout=300):
+    return subprocess.run([*TORCHRUN, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
+
+
+def loss_rows(result):
+    skip = ("epoch", "stage", "eta", "lr", "img_per_s", "time", "test", "nc")
+    return [{k: v for k, v in row.items() if k not in skip} for row in result["log"]]
+
+
+@pytest.mark.parametrize("extra", [["--method", "allnc", "--epochs", "3"],
+                                   ["--method", "etf", "--mixup", "1", "--epochs", "2"],
+                                   ["--method", "allnc++", "--epochs", "2", "--wb-stage2-epochs", "1"]])
+def test_two_processes_train_the_run_of_one(tmp_path, extra):
+    """torchrun with 2 CPU processes and the same global batch gives one process's per-epoch loss terms,
+    accuracy, NC metrics and running class means. The tolerance is float summation order: changing only
+    the thread count of one process (1 vs 2) moved AllNC's loss terms by up to 7e-5 (relative) over 3
+    epochs, 2 processes by 1.2e-4 to 1.9e-4; per-process class means (no global_sum) moved them by 0.16,
+    BatchNorm without synchronisation by 0.047. 2e-3 lies between."""
+    one = cli(*DIST_ARGS, *extra, "--out", str(tmp_path / "one"))
+    two = torchrun(*DIST_ARGS, *extra, "--out", str(tmp_path / "two"))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "two")) == ["r.best.pt", "r.json", "r.lock", "r.pt"]   # rank 0 writes
+    a, b = (json.loads((tmp_path / d / "r.json").read_text()) for d in ("one", "two"))
+    assert sum(l.startswith("epoch ") for l in two.stdout.splitlines()) == len(a["log"])      # rank 0 prints
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    assert len(loss_rows(a)) == len(loss_rows(b))
+    for ra, rb in zip(loss_rows(a), loss_rows(b)):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=2e-3, abs=1e-6), (k, ra, rb)
+    assert abs(a["final"]["top1"] - b["final"]["top1"]) <= 100 / 500 + 1e-9      # at most one of 500 test images
+    assert b["final"]["nc"]["nc1"] == pytest.approx(a["final"]["nc"]["nc1"], rel=1e-2)
+    wa, wb = (torch.load(tmp_path / d / "r.pt") for d in ("one", "two"))
+    assert wa.keys() == wb.keys()
+    if "mu_run" in wa:             # HyCon/P2P's running class means: the global batch's, as in one process
+        assert (wa["mu_run"] - wb["mu_run"]).abs().max() < 5e-3
+
+
+def rank_pid(marker, rank):
+    """The pid of the torchrun worker of `rank` whose command line contains `marker`."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmd and b"allnc.py" in cmd and f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_killed_rank_stops_the_run_and_the_rerun_resumes(tmp_path):
+    args = [*DIST_ARGS, "--epochs", "8", "--nc-every", "0", "--eval-every", "4", "--out", str(tmp_path)]
+    proc = subprocess.Popen([*TORCHRUN, *args], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = tmp_path / "r.ckpt"
+    t0 = time.time()
+    while not ck.exists() and time.time() - t0 < 120:
+        time.sleep(0.05)
+    pid = rank_pid(str(tmp_path), 1)
+    assert pid is not None and ck.exists()
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) != 0                     # the run fails, nothing hangs
+    assert not (tmp_path / "r.json").exists(), "the run finished before a rank could be killed"
+    saved = torch.load(ck, weights_only=False)            # the last epoch checkpoint is intact
+    assert 1 <= saved["epoch"] < 8 and len(saved["log"]) == saved["epoch"]
+    again = torchrun(*args)
+    assert again.returncode == 0 and f"resuming r from epoch {saved['epoch']}" in again.stdout, again.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["complete"] and r["world_size"] == 2 and [row["epoch"] for row in r["log"]] == list(range(1, 9))
+    assert r["log"][:saved["epoch"]] == saved["log"]
+
+
+def test_torchrun_launch_errors_one_line_exit_2(tmp_path):
+    base = ["allnc.py", "--dataset", "synthetic", "--epochs", "1", "--out", str(tmp_path / "o")]
+    full = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    for env, extra, needle in [({"RANK": "0", "WORLD_SIZE": "2"}, [], "torchrun environment is incomplete"),
+                               (full, ["--batch-size", "63"], "does not split over 2 processes"),
+                               (full, ["--device", "cpu", "--dist-backend", "nccl"], "--dist-backend nccl"),
+                               (full, ["--device", "cuda:0"], "cuda:"),
+                               (full, ["--tables", str(tmp_path)], "runs in one process")]:
+        r = cli(*base, *extra, env=env)
+        assert r.returncode == 2 and needle in r.stderr, (extra, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = cli(*base, "--batch-size", "63", env=full | {"RANK": "1", "LOCAL_RANK": "1"})
+    assert r.returncode == 2 and r.stderr == ""              # one line per machine: local rank 0's
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_rank_parts_of_each_batch_are_the_single_process_batch():
+    batches = data_lt.epoch_batches(100, 8, 0, 1)
+    parts = [data_lt.rank_batches(batches, r, 4) for r in range(4)]
+    assert all(torch.equal(torch.cat([p[k] for p in parts]), b) for k, b in enumerate(batches))
+    with pytest.raises(data_lt.DataError, match="does not split over 4"):
+        data_lt.rank_batches(data_lt.epoch_batches(6, 8, 0, 1), 0, 4)
+    x, y = data_lt.load_tensor_dataset("synthetic", "", True)        # augmented views too: the same draws
+    info = data_lt.DATASETS["synthetic"]
+    one = list(data_lt.tensor_loader(x, y, info, 64, 0, 1, views=2))
+    two = [list(data_lt.tensor_loader(x, y, info, 64, 0, 1, views=2, rank=r, world=2)) for r in range(2)]
+    assert len(one) == len(two[0]) == len(two[1])
+    for k, (views, labels) in enumerate(one):
+        assert torch.equal(torch.cat([two[0][k][1], two[1][k][1]]), labels)
+        assert all(torch.equal(torch.cat([two[0][k][0][v], two[1][k][0][v]]), views[v]) for v in range(2))
+
+
+def test_run_all_launches_tables_iii_and_iv_through_torchrun():
+    env = {**os.environ, "NPROC": "8", "IMAGENET_LT_ROOT": "/data/inet", "INAT2018_ROOT": "/data/inat"}
+    r = subprocess.run(["bash", "run_all.sh", "--list"], cwd=HERE, capture_output=True, text=True, timeout=60, env=env)
+    lines = [l for l in r.stdout.splitlines() if l.startswith(("Table", "Fig"))]
+    big = [l for l in lines if l.startswith(("Table III ", "Table IV "))]
+    assert len(big) == 6 and all("-m torch.distributed.run --standalone --nproc-per-node 8 allnc.py" in l for l in big)
+    assert not any("torch.distributed" in l for l in lines if l not in big)
+    bad = subprocess.run(["bash", "run_all.sh", "--list"], cwd=HERE, capture_output=True, text=True, timeout=60,
+                         env={**env, "NPROC": "0"})
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "NPROC" in bad.stderr
+
+
+def test_folder_benchmark_measures_the_loader_per_worker_count(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 2)):
+        for c in range(3):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / split / f"c{c}" / f"{i}.jpg")
+    r = cli("allnc.py", "--benchmark", "--dataset", "imagenet_lt", "--data-root", str(tmp_path), "--imb", "1", "--batch-size", "4",
+            "--workers", "2", "--benchmark-steps", "2", "--method", "allnc", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rows = [[float(c) for c in l.strip(" |").split("|")] for l in r.stdout.splitlines() if l.startswith("|") and "workers" not in l]
+    assert [row[0] for row in rows] == [1, 2]                       # every worker count up to --workers
+    for w, img, views, per in rows:
+        assert img > 0 and views == pytest.approx(2 * img, abs=0.11) and per == pytest.approx(views / w, abs=0.11)
