@@ -414,7 +414,8 @@ def etf_dr_loss(h, M, y, balance=True, y_count=None):
     per = 0.5 * (dot - 1) ** 2
     if balance:
         yc = y if y_count is None else y_count
-        cnt = global_sum(torch.zeros(M.shape[1], device=y.device).index_add_(0, yc, torch.ones_like(yc, dtype=torch.float)))
+        cnt = torch.zeros(M.shape[1], device=y.device).index_add_(0, yc, torch.ones_like(yc, dtype=torch.float))
+        cnt = global_sum(cnt)
         per = per * cnt.sum() / ((cnt > 0).sum() * cnt[y].clamp(min=1))
     return per.mean()
 
@@ -436,8 +437,8 @@ def batch_class_means(z, y, C):
     """Mean of z over each class present in the (global) batch, with gradient, and the present mask.
     Under torchrun the sums and counts are summed over the processes (global_sum), so every process
     gets the global batch's means. Counts by index_add_ (bincount on CUDA syncs with the host)."""
-    cnt = torch.zeros(C, 1, device=z.device, dtype=z.dtype).index_add_(0, y, torch.ones(len(y), 1, device=z.device, dtype=z.dtype))
-    both = global_sum(torch.cat([torch.zeros(C, z.shape[1], device=z.device, dtype=z.dtype).index_add(0, y, z), cnt], 1))
+    zc = torch.cat([z, torch.ones(len(y), 1, device=z.device, dtype=z.dtype)], 1)     # z and a count column
+    both = global_sum(torch.zeros(C, zc.shape[1], device=z.device, dtype=z.dtype).index_add(0, y, zc))
     sums, cnt = both[:, :-1], both[:, -1]
     return sums / cnt.clamp(min=1)[:, None], cnt > 0
 
