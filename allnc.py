@@ -2239,7 +2239,8 @@ def main(argv=None):
     except RuntimeError as e:
         if not (DIST.on and lost_peer(e)):
             raise
-        print(f"error: {rank_tag()}lost another process of the run ({str(e).strip().splitlines()[0][:160]}); "
+        detail = str(e).strip().splitlines()[0].rsplit("] ", 1)[-1][:100]     # without gloo's source location
+        print(f"error: {rank_tag()}lost another process of the run ({detail}); "
               f"the checkpoint of the last finished epoch is kept: run the same torchrun command to resume",
               file=sys.stderr)
         return 75
