@@ -689,7 +689,8 @@ def evaluate(model, data, st):
         pred = eval_logits(model, x, st).argmax(1)
         total.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         correct.index_add_(0, y, (pred == y).double())
-    reduce_(correct), reduce_(total)
+    reduce_(correct)
+    reduce_(total)
     model.train()
     acc = (correct / total.clamp(min=1)).cpu()
     out = {"top1": 100 * correct.sum().item() / max(total.sum().item(), 1)}
@@ -1119,10 +1120,9 @@ def stop_requested(step=None):
         return STOP["signal"] is not None
     if step is not None and step % STOP_CHECK_EVERY:
         return False
-    flag = torch.tensor([0 if STOP["signal"] is None else STOP["signal"]])
+    flag = torch.tensor([STOP["signal"] or 0])
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=DIST.cpu_group)
-    if flag.item():
-        STOP["signal"] = STOP["signal"] or int(flag.item())
+    STOP["signal"] = STOP["signal"] or int(flag.item()) or None      # a signal on any process stops all
     return STOP["signal"] is not None
 
 
@@ -1322,9 +1322,10 @@ def train_run(cfg, name, res_path, ck_path, device, say):
             bad = res_path + ".corrupt"
             os.replace(res_path, bad)
             say(f"warning: {res_path} was partial or corrupt; moved to {bad} and re-running")
-    if broadcast(done is not None):
+    done = broadcast(done)
+    if done:
         say(f"skip (done): {res_path} exists (--force to re-run)")
-        return done or {}
+        return done
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -2225,13 +2226,15 @@ def main(argv=None):
             print(f"error: {rank_tag()}{msg}", file=sys.stderr)
         return 2
     except NonFinite as e:
-        print(f"error: {e}", file=sys.stderr) if DIST.main else None
+        if DIST.main:              # every process raises it at the same epoch
+            print(f"error: {e}", file=sys.stderr)
         return 3
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 74
     except Interrupted as e:
-        print(f"\n{e.args[0]}", file=sys.stderr) if DIST.main else None
+        if DIST.main:
+            print(f"\n{e.args[0]}", file=sys.stderr)
         return e.args[1]
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
