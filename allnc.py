@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -901,7 +902,7 @@ def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=F
     batches = data.train_batches(epoch, views, start=start)
     for i, (xs, y) in enumerate(batches, start=start):
         with st.autocast():
-            loss, terms = st.ddp(step_fn, xs, y) if st.ddp else step_fn(model, xs, y, st)
+            loss, terms = st.ddp(step_fn, xs, y, st) if st.ddp else step_fn(model, xs, y, st)
         opt.zero_grad(set_to_none=True)
         if st.scaler:
             st.scaler.scale(loss).backward()
@@ -1177,6 +1178,12 @@ def setup_distributed(cfg):
             raise DataError(f"LOCAL_RANK {local}, but this machine has {n} GPU(s): --nproc-per-node at most {n}")
         torch.cuda.set_device(local)
     cfg.device = f"cuda:{local}" if cuda else "cpu"
+    # torch._dynamo before the process group: imported after it (lazily, by the optimizer, DDP or
+    # the functional collectives), it keeps references to the default group that
+    # destroy_process_group() cannot drop; the group's gloo threads then outlive the interpreter,
+    # and one of them releasing a finished collective during shutdown aborts the process
+    # (README: torchrun, "a finished run exits 0").
+    import torch._dynamo  # noqa: F401
     torch.distributed.init_process_group(backend)
     group = torch.distributed.new_group(backend="gloo") if backend == "nccl" else None
     return Dist(rank, world, local, backend, group)
@@ -1184,21 +1191,23 @@ def setup_distributed(cfg):
 
 class Replicated(nn.Module):
     """The training step as one module, so that DistributedDataParallel sees every use of the
-    parameters (heads, projections, P2P on the classifier rows) inside its forward."""
+    parameters (heads, projections, P2P on the classifier rows) inside its forward. The state
+    comes in as an argument: held here, it would make a cycle (state -> DDP -> state) that keeps
+    DDP, and with it the process group, alive past destroy_process_group()."""
 
-    def __init__(self, model, st):
+    def __init__(self, model):
         super().__init__()
-        self.model, self.st = model, st
+        self.model = model
 
-    def forward(self, step_fn, views, y):
-        return step_fn(self.model, views, y, self.st)
+    def forward(self, step_fn, views, y, st):
+        return step_fn(self.model, views, y, st)
 
 
-def replicate(model, st, device):
+def replicate(model, device):
     """DDP around the step: gradients averaged over the processes (static graph: which parameters
     take part is fixed within a stage; AllNC++'s stage 2 gets a new wrapper)."""
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(Replicated(model, st), device_ids=[device.index] if device.type == "cuda" else None,
+    return DistributedDataParallel(Replicated(model), device_ids=[device.index] if device.type == "cuda" else None,
                                    static_graph=True, forward_sync_buffers=False)
 
 # ==============================================================================================
@@ -1369,7 +1378,7 @@ def train_run(cfg, name, res_path, ck_path, device, say):
             st.maxnorm_cap = maxnorm_cap(model.head.fc.weight, cfg.maxnorm, cfg.maxnorm_mode)   # per stage
         st.eta = eta_for(cfg, min(epoch, cfg.epochs))
         if DIST.on and st.ddp_stage != stage2:
-            st.ddp, st.ddp_stage = replicate(model, st, device), stage2
+            st.ddp, st.ddp_stage = replicate(model, device), stage2
         e = epoch - cfg.epochs if stage2 else epoch
         n_ep = cfg.wb_stage2_epochs if stage2 else cfg.epochs
         try:
@@ -1989,6 +1998,70 @@ def plot(paths, out_dir):
     return written + [path]
 
 # ==============================================================================================
+# torchrun stress check: a finished run must exit 0 every time (README: torchrun)
+
+STRESS_RUN = ["--dataset", "synthetic", "--imb", "10", "--depth", "8", "--batch-size", "32", "--device", "cpu",
+              "--no-augment", "--nc-every", "0"]
+
+
+def torchrun_launch(out, epochs, nodes=1):
+    """Popen of the tiny 2-process run: one node of 2 processes, or 2 nodes of 1 on this host;
+    standard error goes to out/stderr-N.log."""
+    here = os.path.abspath(__file__)
+    err = lambda r: open(os.path.join(out, f"stderr-{r}.log"), "a")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    args = STRESS_RUN + ["--epochs", str(epochs), "--out", out]
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes == 1:
+        return [subprocess.Popen(run + ["--standalone", "--nproc-per-node", "2", here] + args, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=err(0))]
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen(run + ["--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--master-addr",
+                                    "127.0.0.1", "--master-port", str(port), here] + args, env=env,
+                             stdout=subprocess.DEVNULL, stderr=err(r)) for r in range(2)]
+
+
+def torchrun_stress(n, kinds):
+    """n launches of each kind; prints how many ended as they should. plain: one node, 2 processes,
+    exit 0; nodes2: two single-process nodes on this host, both exit 0; sigterm: SIGTERM to torchrun
+    after the first epoch's checkpoint (our processes checkpoint and exit 143; torchrun reports its own
+    SignalException, exit 1), then the same command resumes (exit 0)."""
+    import tempfile
+    bad = 0
+    for kind in kinds:
+        ok, t0 = 0, time.time()
+        for i in range(n):
+            with tempfile.TemporaryDirectory() as out:
+                if kind == "sigterm":
+                    p, = torchrun_launch(out, 4)
+                    deadline = time.time() + 120
+                    while not any(f.endswith(".ckpt") for f in os.listdir(out)) and p.poll() is None and time.time() < deadline:
+                        time.sleep(0.05)
+                    p.send_signal(signal.SIGTERM)
+                    first = p.wait()
+                    log = open(os.path.join(out, "stderr-0.log")).read()
+                    ps = torchrun_launch(out, 4)
+                    codes = (first, ps[0].wait())
+                    # torchrun itself ends with its own SignalException (exit 1); the processes stop
+                    # at an agreed step, write the checkpoint and exit 143, and the same command resumes
+                    good = "stopped by SIGTERM" in log and "terminate called" not in log and codes[1] == 0
+                else:
+                    ps = torchrun_launch(out, 2, nodes=2 if kind == "nodes2" else 1)
+                    codes = tuple(q.wait() for q in ps)
+                    good = set(codes) == {0}
+                ok += good
+                if not good:
+                    err = "".join(open(os.path.join(out, f)).read() for f in sorted(os.listdir(out)) if f.startswith("stderr"))
+                    hint = next((ln for ln in err.splitlines() if "terminate" in ln or "error" in ln.lower()), "")
+                    print(f"  {kind} launch {i + 1}: exit codes {codes} {hint}", flush=True)
+        print(f"{kind}: {ok}/{n} launches ended as they should ({time.time() - t0:.0f} s)", flush=True)
+        bad += n - ok
+    return bad
+
+# ==============================================================================================
 # Benchmark: images/s of (a) bare model fwd+bwd, (b) full AllNC step on the tensor path,
 # (c) the same with the PIL loader. Images are counted per view.
 
@@ -2158,8 +2231,13 @@ def parse_args(argv=None):
     p.add_argument("--eval", metavar="RESULT", help="re-evaluate a finished run from RESULT.json (final weights) or "
                    "its NAME.pt / NAME.best.pt, and print its table")
     p.add_argument("--benchmark-steps", type=int, default=20, help="timed steps per benchmark measurement")
+    p.add_argument("--torchrun-stress", type=int, metavar="N", help="launch the tiny 2-process CPU run N times "
+                   "per kind in --stress-kinds and print how many ended as they should (exit 0; SIGTERM: 143, then 0)")
+    p.add_argument("--stress-kinds", default="plain,sigterm", help="with --torchrun-stress: comma-separated "
+                   "plain (torchrun --standalone), nodes2 (--nnodes 2 on this host), sigterm (stop and resume)")
     a = p.parse_args(argv)
-    extra = {k: getattr(a, k) for k in ("tables", "plot", "benchmark", "benchmark_steps", "eval", "compare")}
+    extra = {k: getattr(a, k) for k in ("tables", "plot", "benchmark", "benchmark_steps", "eval", "compare",
+                                        "torchrun_stress", "stress_kinds")}
     names = {f.name for f in dataclasses.fields(Config)}
     given = (t[2:].split("=")[0].replace("-", "_") for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--"))
     extra["explicit"] = {g[3:] if g.startswith("no_") and g[3:] in names else g for g in given} & names
@@ -2175,6 +2253,12 @@ def main(argv=None):
         mode = next((k for k in ("tables", "plot", "eval", "benchmark") if extra[k]), None)
         if env and env[1] > 1 and mode:
             raise DataError(f"--{mode} runs in one process: start it with python, not torchrun")
+        if extra["torchrun_stress"] is not None:
+            kinds = extra["stress_kinds"].split(",")
+            if extra["torchrun_stress"] < 1 or not set(kinds) <= {"plain", "nodes2", "sigterm"}:
+                raise DataError("--torchrun-stress takes N >= 1 and --stress-kinds a comma-separated subset of "
+                                "plain,nodes2,sigterm")
+            return 1 if torchrun_stress(extra["torchrun_stress"], kinds) else 0
         if extra["tables"]:
             if not os.path.isdir(extra["tables"]):
                 raise DataError(f"{extra['tables']} is not a directory of result JSONs")
