@@ -212,6 +212,18 @@ RULES = {
 }
 
 
+# Fields that act only for some methods: given explicitly to another method, the run would
+# silently differ from its name (the hash takes every field), so resolve() refuses them.
+_ALLNC_ONLY = ("gamma", "alpha", "grw_rho", "grw_reduction", "mean_momentum", "p2p_space", "p2p_w", "no_hycon",
+               "no_p2p", "no_gbbn", "fixed_gamma", "heads", "proj", "proj_dim", "pred_hidden")
+_STAGE2_ONLY = ("maxnorm", "maxnorm_mode", "maxnorm_every", "maxnorm_stage1", "wb_stage2_epochs", "wb_stage2_lr",
+                "wb_stage2_wd", "wb_cb_beta")
+METHOD_ONLY = {**{k: ("allnc", "allnc++") for k in _ALLNC_ONLY}, **{k: ("allnc++",) for k in _STAGE2_ONLY},
+               "etf_balance": ("etf",), "rbl_tau": ("rbl",),
+               **{k: ("ncmc",) for k in ("ncmc_f", "ncmc_theta", "ncmc_centers")},
+               "mixup": ("ce", "etf", "rbl", "ncmc")}
+
+
 def flag(name):
     return "--" + name.replace("_", "-")
 
@@ -270,6 +282,12 @@ def resolve(cfg, explicit=()):
     if cfg.arch not in ("resnet_cifar", "resnext50", "resnet50"):
         raise DataError(f"--arch {cfg.arch!r} unknown; use resnet_cifar, resnext50 or resnet50")
     C = info.num_classes
+    for k in sorted(set(explicit) & set(METHOD_ONLY)):
+        if cfg.method not in METHOD_ONLY[k]:
+            raise DataError(f"{flag(k)} applies to {' and '.join(METHOD_ONLY[k])}, not to --method {cfg.method} "
+                            f"(the run would be the same without it, under another name); drop it")
+    if info.kind == "tensor" and not cfg.smoke:
+        check_split_sizes(cfg, data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type, cfg.n_max))
     if cfg.method == "etf" and feature_dim(cfg) < C - 1:
         raise DataError(f"etf on {cfg.dataset} needs a feature dimension >= {C - 1} for {C} ETF vertices; "
                         f"--width {cfg.width} gives {feature_dim(cfg)}: use --width {math.ceil((C - 1) / 4)} or more "
@@ -308,6 +326,25 @@ def resolve(cfg, explicit=()):
     if cfg.method != "allnc++":
         cfg.wb_stage2_epochs = 0
     return cfg
+
+
+def check_split_sizes(cfg, counts):
+    """Every class keeps a training image, the imbalance is the one asked for, and a batch fits in
+    the training set (under torchrun the global batch: each process's share then fits in its share)."""
+    n_max = cfg.n_max or data_lt.DATASETS[cfg.dataset].n_max
+    if cfg.imb_type == "pareto" and n_max / cfg.imb < 0.5:
+        raise DataError(f"--n-max {n_max} with --imb-type pareto --imb {cfg.imb:g}: the smallest class would need "
+                        f"{n_max / cfg.imb:.2f} images and is raised to 1, so the imbalance would be {n_max:g}, not "
+                        f"{cfg.imb:g}; give --n-max {math.ceil(cfg.imb / 2)} or more, or a smaller --imb")
+    if min(counts) == 0:
+        need = next(n for n in range(max(1, math.floor(cfg.imb)), 10 ** 9)
+                    if min(data_lt.exp_counts(n, len(counts), cfg.imb)) > 0)
+        raise DataError(f"--n-max {n_max} at --imb {cfg.imb:g} leaves {sum(c == 0 for c in counts)} of {len(counts)} "
+                        f"classes without a training image (n_c = int(n_max * imb^(-c/(C-1)))); give --n-max "
+                        f"{need} or more, or a smaller --imb")
+    if cfg.batch_size > sum(counts):
+        raise DataError(f"--batch-size {cfg.batch_size} is larger than the training set ({sum(counts)} images): every "
+                        f"step would train on all of them; give --batch-size {sum(counts)} or less")
 
 
 def run_name(cfg):
@@ -583,6 +620,7 @@ class Data:
         self.C = info.num_classes
         if cfg.smoke:
             xtr, ytr, xte, yte, self.counts = smoke_data(cfg, smoke_size, smoke_n_max)
+            check_split_sizes(cfg, self.counts)
             self.info = info = dataclasses.replace(data_lt.DATASETS["synthetic"], num_classes=self.C, size=smoke_size)
         else:
             xtr, ytr = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, True, cfg.download)
@@ -607,6 +645,7 @@ class Data:
         self.counts = torch.bincount(torch.tensor([s[1] for s in tr]), minlength=C).tolist()
         if min(self.counts) == 0:
             raise DataError(f"some classes of {cfg.dataset} have no training images; check --data-root / --train-list")
+        check_split_sizes(cfg, self.counts)
         size = min(info.size, 224)
         self.pil = data_lt.ListDataset(tr, data_lt.folder_transforms(info, True, size, cfg.randaug), VIEWS[cfg.method])
         self.test = data_lt.ListDataset(te, data_lt.folder_transforms(info, False, size), 1)
@@ -2282,7 +2321,8 @@ def main(argv=None):
         if extra["compare"]:       # checked before anything trains; recipe fields the user did not give reset
             m = extra["compare"]
             other = resolve(dataclasses.replace(user, method=m, name=None,
-                                                recipe=user.recipe if m in RECIPES else "allnc"), extra["explicit"])
+                                                recipe=user.recipe if m in RECIPES else "allnc"),
+                            extra["explicit"] - set(METHOD_ONLY))      # the first method's own flags stay its own
         if extra["benchmark"]:
             if data_lt.DATASETS[cfg.dataset].kind == "folder":     # the loader is what limits these
                 benchmark_loader(cfg, extra["benchmark_steps"])

@@ -140,24 +140,30 @@ selected() {
 
 if [ "$SCALE" = smoke ]; then
   # 2 epochs so that eta (and so gamma) matters; one thread per run, two runs at a time
-  SCALE_ARGS="--smoke --epochs 2 --depth 8 --batch-size 64 --device cpu --nc-every 0 --wb-stage2-epochs 1 --workers 0"
+  SCALE_ARGS="--smoke --epochs 2 --depth 8 --batch-size 64 --device cpu --nc-every 0 --workers 0"
+  STAGE2_ARGS="--wb-stage2-epochs 1"
   WIDTH=${WIDTH:-16}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   JOBS=${JOBS:-2}
 elif [ "$SCALE" = cpu ]; then
   # ResNet-8 width 16, 15 epochs at batch 64 (the paper's lr, wd and cosine schedule), test accuracy
   # every 5 epochs, NC metrics every 3 (Fig. 3/4 curves); AllNC++ retrains its classifier for 3 more
-  SCALE_ARGS="--n-max 1000 --depth 8 --width 16 --epochs 15 --batch-size 64 --eval-every 5 --nc-every 3 --wb-stage2-epochs 3 --device cpu --workers 0"
+  SCALE_ARGS="--n-max 1000 --depth 8 --width 16 --epochs 15 --batch-size 64 --eval-every 5 --nc-every 3 --device cpu --workers 0"
+  STAGE2_ARGS="--wb-stage2-epochs 3"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   JOBS=${JOBS:-2}
 else
   SCALE_ARGS=""
 fi
+STAGE2_ARGS=${STAGE2_ARGS:-}
+scale_args() {  # the scale's flags for one configuration: stage-2 epochs only where there is a stage 2
+  case " $1 " in *" --method allnc++ "*) echo "$SCALE_ARGS${STAGE2_ARGS:+ $STAGE2_ARGS}" ;; *) echo "$SCALE_ARGS" ;; esac
+}
 
 if [ "$LIST" = 1 ]; then
   selected | while IFS=$'\t' read -r table args; do
     case "$args" in SKIP*) printf '%-9s  skipped (%s)\n' "$table" "${args#SKIP }" ;;
-      *) printf '%-9s  %s allnc.py %s %s--seed S --out %s\n' "$table" "$(launcher "$table")" "$args" "${SCALE_ARGS:+$SCALE_ARGS }" "$RESULTS" ;; esac
+      *) sa=$(scale_args "$args"); printf '%-9s  %s allnc.py %s %s--seed S --out %s\n' "$table" "$(launcher "$table")" "$args" "${sa:+$sa }" "$RESULTS" ;; esac
   done
   echo "seeds: $SEEDS"
   exit 0
@@ -187,7 +193,7 @@ worker() {  # worker w runs every JOBS-th configuration
       else export CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${GPU_LIST[*]}"); fi      # torchrun: all of them
     fi
     # shellcheck disable=SC2086
-    $launch allnc.py $args $SCALE_ARGS $EXTRA --seed "$seed" --out "$RESULTS" > "$log" 2>&1
+    $launch allnc.py $args $(scale_args "$args") $EXTRA --seed "$seed" --out "$RESULTS" > "$log" 2>&1
     rc=$?
     if [ $rc = 0 ] && grep -q '^skip (done)' "$log"; then echo "[$k/${#RUNS[@]}] $table: $args seed $seed: skip (done)"
     elif [ $rc = 0 ] && grep -q '^skip (running elsewhere)' "$log"; then

@@ -1015,7 +1015,29 @@ BAD_VALUES = {   # field -> invalid command-line values (every Config field that
 }
 BAD_COMBINATIONS = [["--dataset", "cifar100", "--method", "etf", "--width", "16"],
                     ["--dataset", "imagenet_lt", "--loader", "tensor"], ["--method", "allnc", "--recipe", "own"],
-                    ["--method", "allnc", "--mixup", "1"]]
+                    ["--method", "allnc", "--mixup", "1"],
+                    # runs that would silently differ from their name (issue: silent inputs)
+                    ["--n-max", "3", "--imb", "100"], ["--batch-size", "100000"],
+                    ["--imb-type", "pareto", "--n-max", "3", "--imb", "100"], ["--method", "ce", "--gamma", "3"],
+                    ["--method", "ce", "--wb-stage2-epochs", "2"], ["--method", "allnc", "--rbl-tau", "2"],
+                    ["--method", "etf", "--ncmc-f", "4"], ["--method", "rbl", "--no-hycon"]]
+
+
+def test_silent_inputs_name_the_value_and_the_fix(tmp_path, capsys):
+    """The smallest --n-max that leaves every class an image (exp profile: int(n * imb^-1) >= 1 for
+    the last class: 100 at imb 100 for fmnist's 10 classes), the training set's size, and that the
+    same flags are accepted where they apply."""
+    def err(*args):
+        assert allnc.main(["--out", str(tmp_path / "o"), "--epochs", "1", "--depth", "8", *args]) == 2
+        return capsys.readouterr().err
+    assert "give --n-max 100 or more" in err("--dataset", "synthetic", "--n-max", "99", "--imb", "100")
+    assert "leaves 1 of 10 classes" in err("--dataset", "synthetic", "--n-max", "99", "--imb", "100")
+    assert "training set (492 images)" in err("--dataset", "synthetic", "--batch-size", "493")
+    assert "--gamma applies to allnc and allnc++" in err("--dataset", "synthetic", "--method", "ce", "--gamma", "3")
+    for ok in (["--n-max", "100", "--imb", "100"], ["--batch-size", "492"], ["--method", "allnc", "--gamma", "3"],
+               ["--method", "ce", "--mixup", "1"], ["--method", "allnc++", "--wb-stage2-epochs", "2"]):
+        cfg, extra = allnc.parse_args(["--dataset", "synthetic", "--out", str(tmp_path / "o"), *ok])
+        allnc.resolve(cfg, extra["explicit"])          # accepted: no DataError
 
 
 def test_every_field_rejects_its_invalid_values(tmp_path, capsys):
