@@ -84,8 +84,11 @@ class Config:
     gamma: float = opt(2.0, "GBBN exponent gamma of Eq. 13")
     alpha: float = opt(1.0, "weight alpha of L_con + L_p(mu~) in Eq. 14 (paper gives no default)")
     grw_rho: float = opt(1.0, "GRW exponent rho: w_c ~ (1/N_c)^rho, normalised to sum C")
-    grw_reduction: str = opt("batch", "batch: (1/B) sum_i w_yi CE_i as in Eq. 12; weights: divide by sum_i w_yi "
-                             "(torch's weighted mean)", choices=("batch", "weights"))
+    grw_reduction: str = opt("weights", "weights: GRW as the paper cites it (DisAlign's F.cross_entropy(weight=w), "
+                             "sum_i w_yi CE_i / sum_i w_yi); batch: GLMC's (1/B) sum_i w_yi CE_i, which GLMC only "
+                             "uses on batches mixed with a re-sampled tail-heavy partner", choices=("batch", "weights"))
+    p2p_w: str = opt("raw", "L_p(w) of Eq. 11 on the raw classifier rows as written (rho_ii = 1 also pulls every "
+                     "row norm to 1) or on l2-normalised rows (unit)", choices=("raw", "unit"))
     mean_momentum: float = opt(0.9, "EMA momentum of the running class means used for classes absent "
                                "from a batch")
     p2p_space: str = opt("z", "class means for L_p(mu~): z = proj1(phi(x)) as in Algorithm 1, or feature = phi(x), "
@@ -380,6 +383,15 @@ def p2p_loss(v, rho=None, mask=None):
         return (err * m[:, None] * m[None, :]).sum() / m.sum().clamp(min=1) ** 2
 
 
+def p2p_loss_raw(v, rho=None):
+    """Eq. 11 as written: (1/C^2) sum_ij (<w_i, w_j> - rho_ij)^2 on the raw classifier rows (no
+    tilde: rho_ii = 1 pulls every row norm to 1, against the shrinking of tail rows). Float32."""
+    with torch.autocast(v.device.type, enabled=False):
+        v = v.float()
+        rho = etf_gram(len(v), v.device) if rho is None else rho
+        return ((v @ v.t() - rho) ** 2).sum() / len(v) ** 2
+
+
 def hycon_sim(h, u, z):
     """sim(h, u, sg(z)) = -<h/|h|, z/|z|> - <u/|u|, z/|z|> per sample (Eq. 8)."""
     z = F.normalize(z.detach().float(), dim=1)
@@ -408,20 +420,22 @@ def grw_weights(counts, rho=1.0):
     return (w / w.sum() * len(n)).float()
 
 
-def grw_loss(logits, y, weights, reduction="batch"):
-    """Class-weighted CE. 'batch' divides by the batch size (Eq. 12's 1/N); 'weights' by sum w_y
-    (of the global batch: each of the N processes divides its part by the mean over processes)."""
+def grw_loss(logits, y, weights, reduction="weights"):
+    """Class-weighted CE. 'weights': GRW as DisAlign computes it (F.cross_entropy(weight=w), the
+    weighted mean sum_i w_yi CE_i / sum_i w_yi; under torchrun sum w_y of the global batch: each of
+    the N processes divides its part by the mean over processes); 'batch': GLMC's (1/B) sum_i w_yi CE_i."""
     ce = F.cross_entropy(logits.float(), y, reduction="none")
     wy = weights[y]
     return (wy * ce).sum() / (len(y) if reduction == "batch" else global_sum(wy.sum()) / DIST.world)
 
 
-def gbbn_cls_loss(logits, y, eta, weights, w_rows, use_p2p, reduction="batch", ce_logits=None):
+def gbbn_cls_loss(logits, y, eta, weights, w_rows, use_p2p, reduction="weights", ce_logits=None, p2p_w="raw"):
     """Eq. 12: mean_i [eta CE + (1 - eta)(L_re + L_p(w))] for one view. ce_logits: a separate
-    conventional head's logits for the CE term (--heads 2, GLMC); by default the same classifier."""
+    conventional head's logits for the CE term (--heads 2, GLMC); by default the same classifier.
+    p2p_w: L_p(w) on the raw rows (Eq. 11 as written) or on unit rows."""
     ce = F.cross_entropy((logits if ce_logits is None else ce_logits).float(), y)
     re = grw_loss(logits, y, weights, reduction)
-    pw = p2p_loss(w_rows) if use_p2p else ce.new_zeros(())
+    pw = (p2p_loss_raw(w_rows) if p2p_w == "raw" else p2p_loss(w_rows)) if use_p2p else ce.new_zeros(())
     return eta * ce + (1 - eta) * (re + pw), {"ce": ce, "grw": re, "p2p_w": pw}
 
 
@@ -502,8 +516,8 @@ def step_allnc(model, views, y, st):
     use_p2p = not cfg.no_p2p
     W = model.head.classifier_weight()
     c1, c2 = (None, None) if ce_logits is None else (ce_logits[:B], ce_logits[B:])
-    cls1, t = gbbn_cls_loss(p1, y, st.eta_t, st.grw, W, use_p2p, cfg.grw_reduction, c1)
-    cls2, t2 = gbbn_cls_loss(p2, y, st.eta_t, st.grw, W, use_p2p, cfg.grw_reduction, c2)
+    cls1, t = gbbn_cls_loss(p1, y, st.eta_t, st.grw, W, use_p2p, cfg.grw_reduction, c1, cfg.p2p_w)
+    cls2, t2 = gbbn_cls_loss(p2, y, st.eta_t, st.grw, W, use_p2p, cfg.grw_reduction, c2, cfg.p2p_w)
     terms = {k: (t[k] + t2[k]) / 2 for k in t}
     zero = cls1.new_zeros(())
     terms["hycon"] = zero
@@ -718,15 +732,16 @@ def shot_groups(counts):
 
 
 @torch.no_grad()
-def evaluate(model, data, st):
+def evaluate(model, data, st, scores=None):
     """Top-1 on the balanced test set, per shot group (shot_groups) and per class. The model
-    runs in float32 here, autocast or not in training."""
+    runs in float32 here, autocast or not in training. scores(x): class scores to predict by
+    (default: the method's test-time logits)."""
     model.eval()
     C = data.C
     correct = torch.zeros(C, dtype=torch.float64, device=data.device)
     total = torch.zeros(C, dtype=torch.float64, device=data.device)
     for x, y in data.plain(train=False):            # under torchrun: this process's part, then summed
-        pred = eval_logits(model, x, st).argmax(1)
+        pred = (scores(x) if scores else eval_logits(model, x, st)).argmax(1)
         total.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         correct.index_add_(0, y, (pred == y).double())
     reduce_(correct)
@@ -738,6 +753,42 @@ def evaluate(model, data, st):
         out[g] = 100 * acc[m].mean().item() if m.any() else None
     out["per_class"] = [round(100 * a, 3) for a in acc.tolist()]
     return out
+
+
+# Post-hoc logit adjustment assumes a head trained on the long-tailed prior; these are not.
+LA_NOT_APPLICABLE = {"etf": "a fixed ETF trained with the balancing Ew factor",
+                     "ncmc": "fixed class directions, class-aware centers",
+                     "rbl": "its prediction already is logit-adjusted",
+                     "allnc++": "its stage 2 retrains the head class-balanced"}
+
+
+@torch.no_grad()
+def train_class_means(model, data):
+    """Class means of phi(x) over the un-augmented training set (summed over processes)."""
+    model.eval()
+    sums, cnt = None, torch.zeros(data.C, dtype=torch.float64, device=data.device)
+    for x, y in data.plain(train=True):
+        f = model(x)[0].double()
+        sums = f.new_zeros(data.C, f.shape[1]) if sums is None else sums
+        sums.index_add_(0, y, f)
+        cnt.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+    model.train()
+    return (reduce_(sums) / reduce_(cnt).clamp(min=1)[:, None]).float()
+
+
+def decoupled_scores(model, data, st, head):
+    """Features or classifier? The final weights scored three ways: the trained head (head: its
+    evaluate() result), post-hoc logit adjustment (logit - log prior, tau 1; None where it does
+    not apply, see LA_NOT_APPLICABLE), and the nearest class mean of phi(x) by cosine. A tail that
+    the head misses and NCM finds is a classifier bias, not a representation failure."""
+    cfg = st.cfg
+    groups = lambda r: {k: v for k, v in r.items() if k != "per_class"}
+    no_la = LA_NOT_APPLICABLE.get(cfg.method) if cfg.method != "allnc++" or cfg.wb_stage2_epochs else None
+    la = None if no_la else groups(evaluate(model, data, st, lambda x: logit_adjust(eval_logits(model, x, st),
+                                                                                    st.counts, 1.0)))
+    means = F.normalize(train_class_means(model, data), dim=1)
+    ncm = evaluate(model, data, st, lambda x: F.normalize(model(x)[0].float(), dim=1) @ means.t())
+    return {"head": groups(head), "logit_adjusted": la, "ncm": groups(ncm)} | ({"la_not_applicable": no_la} if no_la else {})
 
 
 def best_epoch(log):
@@ -1445,6 +1496,7 @@ def train_run(cfg, name, res_path, ck_path, device, say):
         if not last and stop_requested():
             stop(f"after epoch {epoch}", ck_path)
     final = evaluate(model, data, st)
+    final["decoupled"] = decoupled_scores(model, data, st, final)
     final["nc"] = train_nc_metrics(model, data, st, icpa=True)
     best = best_epoch(log)
     result = {"version": 2, "name": name, "world_size": DIST.world, "config": dataclasses.asdict(cfg),
@@ -1496,6 +1548,7 @@ def reevaluate(path, device="auto"):
     model = build_model(cfg, data.C, data.counts, data.in_channels).to(dev)
     load_weights(model, wpath, dev)
     final = evaluate(model, data, st)
+    final["decoupled"] = decoupled_scores(model, data, st, final)
     final["nc"] = train_nc_metrics(model, data, st)
     return upgrade_result(r | {"final": final}), wpath
 
@@ -1573,7 +1626,8 @@ def protocol_line(cfg):
 
 def protocol_key(cfg):
     """Everything besides method, data and the ablations that changes what a run computes."""
-    fields = ("proj", "maxnorm", "maxnorm_mode", "maxnorm_every", "maxnorm_stage1", "grw_reduction", "mean_momentum")
+    fields = ("proj", "maxnorm", "maxnorm_mode", "maxnorm_every", "maxnorm_stage1", "grw_reduction", "p2p_w",
+              "mean_momentum")
     extra = " ".join(f"{k}={cfg[k]}" for k in fields if k in cfg and cfg[k] != Config.__dataclass_fields__[k].default)
     return (protocol_line(cfg), cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["wd"], extra)
 
@@ -1586,6 +1640,8 @@ def upgrade_result(r):
         c["randaug"] = "torchvision" if c["randaug"] else "none"
     c.setdefault("lt_subset", "first")
     c.setdefault("width", 16)
+    c.setdefault("grw_reduction", "batch")      # the defaults before GRW as cited and Eq. 11 as written
+    c.setdefault("p2p_w", "unit")
     if r.get("version", 1) < 2:
         acc = torch.tensor(r["final"]["per_class"], dtype=torch.float64)
         for g, m in shot_groups(r["counts"]).items():
@@ -1610,6 +1666,7 @@ def run_table(res):
                      f"{fnum(paper if k == 'top1' else None, 8)} |")
     for k in NC_KEYS:
         lines.append(f"| {k:<14} | {fin['nc'][k]:8.4f} | {'':>13} | {'':>8} |")
+    lines += decoupled_lines(fin)
     shown = {k: v for k, v in cfg.items() if k not in ("data_root", "out", "name", "force", "workers")}
     lines.append("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
     base = os.path.join(cfg["out"], res["name"])
@@ -1619,6 +1676,26 @@ def run_table(res):
                  + (f", {os.path.join(cfg['out'], w['best']['file'])} (best, epoch {w['best']['epoch']})" if "best" in w else "")
                  + f"; re-evaluate: python allnc.py --eval {base}.json")
     return "\n".join(lines)
+
+
+DECOUPLED = (("head", "trained head"), ("logit_adjusted", "logit-adjusted"), ("ncm", "nearest class mean"))
+
+
+def decoupled_lines(fin):
+    """Features or classifier: the final weights scored by the head, by logit adjustment and by the
+    nearest class mean of phi(x), per shot group."""
+    d = fin.get("decoupled")
+    if not d:
+        return []
+    lines = ["features or classifier? the final weights scored three ways (test top-1 %):",
+             f"| {'scored by':<20} | {'top1':>6} | {'many':>6} | {'medium':>6} | {'few':>6} |",
+             f"|{'-' * 22}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 8}|"]
+    for key, label in DECOUPLED:
+        if d.get(key) is None:
+            lines.append(f"| {label:<20} | n/a: {d.get('la_not_applicable', 'not scored')}")
+        else:
+            lines.append(f"| {label:<20} | " + " | ".join(fnum(d[key].get(k), 6) for k in ("top1",) + SHOTS[:3]) + " |")
+    return lines
 
 
 def compare_table(a, b):
@@ -1641,6 +1718,9 @@ def compare_table(a, b):
     vals = [(label, a["final"].get(k), b["final"].get(k)) for label, k in rows]
     vals += [(f"rarest: class {c} ({counts[c]} images)", a["final"]["per_class"][c], b["final"]["per_class"][c])
              for c in rare]
+    for key, name in (("logit_adjusted", "LA"), ("ncm", "NCM")):      # features or classifier
+        da, db = ((r["final"].get("decoupled") or {}).get(key) or {} for r in (a, b))
+        vals += [(f"{label} by {name}", da.get(k), db.get(k)) for label, k in rows if k in ("top1", "few")]
     for i, (label, x, y) in enumerate(vals):
         diff = x - y if x is not None and y is not None else None
         line = f"| {label:<34} | {fnum(x, 8)} | {fnum(y, 8)} | {fnum(diff, 10)} |"
@@ -1829,15 +1909,36 @@ def study_rows(title, entries, ref_label, W=13):
         cells = [mean_std(rs, k) for k in SHOTS]
         d = ([f"{'':>9}"] * 2 if label == ref_label else
              [spread_delta(cells[3], mean_std(ref, "top1")), spread_delta(cells[2], mean_std(ref, "few"))])
-        print(f"| {label + (' (ref)' if label == ref_label else ''):<20} | " + " | ".join(cell(c, W) for c in cells)
-              + f" | {d[0]} | {d[1]} | {len(rs):>5} |")
+        mark = (" (ref)" if label == ref_label else "") + (" *" if len(rs) == 1 else "")
+        print(f"| {label + mark:<20} | " + " | ".join(cell(c, W) for c in cells) + f" | {d[0]} | {d[1]} | {len(rs):>5} |")
+    if any(len(rs) == 1 for _, rs in entries):
+        print("* one seed: no spread, a difference from it is not tested against the seed spread")
+
+
+def decoupled_table(entries, W=13):
+    """Features or classifier, per method: All and Few of the final weights scored by the trained
+    head, by logit adjustment (LA) and by the nearest class mean of phi(x) (NCM), mean±std."""
+    entries = [(m, rs) for m, rs in entries if rs and any((r["final"].get("decoupled") for r in rs))]
+    if not entries:
+        return
+    print("Features or classifier? the final weights scored by the trained head, by post-hoc logit adjustment "
+          "(LA; n/a where the head is not trained on the long-tailed prior) and by the nearest class mean of "
+          "phi(x) (NCM). Few found by NCM but not by the head: a classifier bias, not a representation failure.")
+    cols = [(w, k) for k in ("top1", "few") for w in ("head", "LA", "NCM")]
+    print(f"| {'method':<18} | " + " | ".join(f"{(w + ' ' + ('All' if k == 'top1' else 'Few')):>{W}}" for w, k in cols) + " |")
+    which = {"head": "head", "LA": "logit_adjusted", "NCM": "ncm"}
+    for m, rs in entries:
+        cells = [mean_std([{"final": {"x": ((r["final"].get("decoupled") or {}).get(which[w]) or {}).get(k)}} for r in rs], "x")
+                 for w, k in cols]
+        print(f"| {m:<18} | " + " | ".join(cell(c, W) if c else f"{'n/a':>{W}}" for c in cells) + " |")
 
 
 def study_tables(runs, W=13):
     """The CPU study (run_all.sh SCALE=cpu): the paper's tables re-run on real Fashion-MNIST-LT at a
     small budget; the paper's numbers (CIFAR, 200 epochs, ResNet-32) appear only as references."""
     c0 = runs[0]["config"]
-    print(f"CPU STUDY: real data (Fashion-MNIST-LT, N_max {c0.get('n_max') or 6000}), small budget ({c0['epochs']} epochs, "
+    budget = "the paper's schedule length" if c0["epochs"] >= 200 else "small budget"
+    print(f"CPU STUDY: real data (Fashion-MNIST-LT, N_max {c0.get('n_max') or 6000}), {budget} ({c0['epochs']} epochs, "
           f"ResNet-{c0['depth']} width {c0.get('width', 16)}), not the paper's setting. Cells: mean±std over seeds, final "
           "epoch. '~': the difference from the (ref) row is within the seed spread (|d| <= std + std of the two rows).")
     base = lambda r: plain_allnc(r["config"]) and r["config"]["alpha"] == 1.0 and (
@@ -1852,6 +1953,7 @@ def study_tables(runs, W=13):
                    f"{few} Few class(es)" + (f"; paper's CIFAR-10-LT imb {imb:g} (reference only): {ref_line}" if ref_line else ""),
                    [(m, [r for r in pick(runs, imb=imb, method=m) if base(r)]) for m in METHODS
                     if pick(runs, imb=imb, method=m)], "allnc", W)
+        decoupled_table([(m, [r for r in pick(runs, imb=imb, method=m) if base(r)]) for m in METHODS], W)
         print(f"NC at the end of training, imb {imb:g} (Fig. 3/4: lower Std of cosines and NC1 = closer to collapse; "
               "self-duality = distance between normalised class means and classifier rows, lower = closer)")
         print(f"| {'method':<18} | " + " | ".join(f"{k:>14}" for k in ("NC1", "Std cos, means", "Std cos, W", "self-duality")) + " |")

@@ -7,6 +7,8 @@
 #   SCALE=smoke bash run_all.sh     # tiny generated stand-in data, 2 epochs, CPU: checks the pipeline
 #   SCALE=cpu bash run_all.sh       # the CPU study: real Fashion-MNIST-LT, small budget, 3 seeds, about
 #                                   # 50 minutes on two cores (README: "What the CPU study shows")
+#   SCALE=cpu-long bash run_all.sh  # the same data at the paper's 200 epochs: Table II's methods (seeds 0 1),
+#                                   # Table VII's ablations and gamma 1, 4 (seed 0); hours on two cores
 #
 # Settings (environment variables):
 #   SEEDS="0"              seeds per configuration; "0 1 2" makes the tables show mean±std
@@ -38,6 +40,8 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 SCALE=${SCALE:-full}
 if [ "$SCALE" = cpu ]; then SEEDS=${SEEDS:-0 1 2}; RESULTS=${RESULTS:-results/cpu}; fi
+if [ "$SCALE" = cpu-long ]; then RESULTS=${RESULTS:-results/cpu-long}; fi
+SEEDS_SET=${SEEDS:-}         # given by the user: every configuration runs these seeds
 SEEDS=${SEEDS:-0}
 RESULTS=${RESULTS:-results}
 EXTRA=${EXTRA:-}
@@ -57,7 +61,7 @@ while [ $# -gt 0 ]; do
 done
 ONLY=${ONLY#Table }; ONLY=${ONLY#Fig. }; ONLY=${ONLY#Fig}
 case "$ONLY" in ""|II|III|IV|V|VI|VII|8) ;; *) echo "error: --only $ONLY: use II III IV V VI VII or 8" >&2; exit 2 ;; esac
-case "$SCALE" in full|smoke|cpu) ;; *) echo "error: SCALE=$SCALE: use full, smoke or cpu" >&2; exit 2 ;; esac
+case "$SCALE" in full|smoke|cpu|cpu-long) ;; *) echo "error: SCALE=$SCALE: use full, smoke, cpu or cpu-long" >&2; exit 2 ;; esac
 [ "$NPROC" -ge 1 ] 2>/dev/null || { echo "error: NPROC=$NPROC: give the processes per run, a positive integer" >&2; exit 2; }
 
 launcher() {  # table -> how its runs start: one process, or torchrun with NPROC (Tables III and IV)
@@ -95,9 +99,24 @@ cpu_configs() {
   for a in 0 0.5 1 2; do printf 'Fig. 8\t--dataset fmnist --imb 100 --method allnc --alpha %s\n' $a; done
 }
 
-configs() {  # one line per configuration: TABLE<TAB>allnc.py arguments (or SKIP<TAB>reason)
+# The same study at the paper's schedule length (200 epochs, cosine): a third field fixes a line's seeds
+# (SEEDS, if set, overrides them). Most telling runs first, so that a partial study is still readable.
+cpu_long_configs() {
+  local m a g s
+  for s in 0 1; do
+    for m in allnc ce etf rbl ncmc allnc++; do printf 'Table II\t--dataset fmnist --imb 100 --method %s\t%s\n' $m $s; done
+    [ $s = 0 ] || continue
+    for g in 1 4; do printf 'Table VI\t--dataset fmnist --imb 100 --method allnc --gamma %s\t0\n' $g; done
+    for a in --no-hycon --no-p2p --no-gbbn --fixed-gamma; do
+      printf 'Table VII\t--dataset fmnist --imb 100 --method allnc %s\t0\n' $a
+    done
+  done
+}
+
+configs() {  # one line per configuration: TABLE<TAB>allnc.py arguments[<TAB>seeds] (or SKIP<TAB>reason)
   local d i m g a
   if [ "$SCALE" = cpu ]; then cpu_configs; return; fi
+  if [ "$SCALE" = cpu-long ]; then cpu_long_configs; return; fi
   for d in cifar10 cifar100; do for i in 200 100 50 10; do
     for m in allnc allnc++; do
       printf 'Table II\t--dataset %s --imb %s --method %s --gamma %s%s\n' $d $i $m "$(gamma_for $d $i)" "$(width_arg)"
@@ -131,10 +150,10 @@ configs() {  # one line per configuration: TABLE<TAB>allnc.py arguments (or SKIP
 }
 
 selected() {
-  configs | while IFS=$'\t' read -r table args; do
+  configs | while IFS=$'\t' read -r table args seeds; do
     local t=${table#Table }; t=${t#Fig. }
     [ -z "$ONLY" ] || [ "$t" = "$ONLY" ] || continue
-    printf '%s\t%s\n' "$table" "$args"
+    printf '%s\t%s\t%s\n' "$table" "$args" "${SEEDS_SET:-${seeds:-$SEEDS}}"
   done
 }
 
@@ -143,6 +162,12 @@ if [ "$SCALE" = smoke ]; then
   SCALE_ARGS="--smoke --epochs 2 --depth 8 --batch-size 64 --device cpu --nc-every 0 --workers 0"
   STAGE2_ARGS="--wb-stage2-epochs 1"
   WIDTH=${WIDTH:-16}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  JOBS=${JOBS:-2}
+elif [ "$SCALE" = cpu-long ]; then
+  # the paper's 200 epochs and cosine on the CPU study's data and network; weight balancing's 10 stage-2 epochs
+  SCALE_ARGS="--n-max 1000 --depth 8 --width 16 --epochs 200 --batch-size 64 --eval-every 10 --nc-every 20 --device cpu --workers 0"
+  STAGE2_ARGS="--wb-stage2-epochs 10"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   JOBS=${JOBS:-2}
 elif [ "$SCALE" = cpu ]; then
@@ -161,18 +186,18 @@ scale_args() {  # the scale's flags for one configuration: stage-2 epochs only w
 }
 
 if [ "$LIST" = 1 ]; then
-  selected | while IFS=$'\t' read -r table args; do
+  selected | while IFS=$'\t' read -r table args seeds; do
     case "$args" in SKIP*) printf '%-9s  skipped (%s)\n' "$table" "${args#SKIP }" ;;
-      *) sa=$(scale_args "$args"); printf '%-9s  %s allnc.py %s %s--seed S --out %s\n' "$table" "$(launcher "$table")" "$args" "${sa:+$sa }" "$RESULTS" ;; esac
+      *) sa=$(scale_args "$args"); printf '%-9s  %s allnc.py %s %s--seed S --out %s   # S in: %s\n' "$table" \
+           "$(launcher "$table")" "$args" "${sa:+$sa }" "$RESULTS" "$seeds" ;; esac
   done
-  echo "seeds: $SEEDS"
   exit 0
 fi
 
 mkdir -p "$RESULTS/logs"
-mapfile -t RUNS < <(selected | while IFS=$'\t' read -r table args; do
+mapfile -t RUNS < <(selected | while IFS=$'\t' read -r table args seeds; do
   case "$args" in SKIP*) printf '%s\t%s\t-\n' "$table" "$args" ;;
-    *) for s in $SEEDS; do printf '%s\t%s\t%s\n' "$table" "$args" "$s"; done ;; esac
+    *) for s in $seeds; do printf '%s\t%s\t%s\n' "$table" "$args" "$s"; done ;; esac
 done)
 
 GPU_LIST=(${GPUS:-${CUDA_VISIBLE_DEVICES:-}}); GPU_LIST=(${GPU_LIST[@]//,/ })
