@@ -114,6 +114,81 @@ def test_grw_weights_and_loss_reductions():
     assert allnc.grw_loss(logits, y, w, "weights").item() == pytest.approx(by_weight, rel=1e-5)
 
 
+def test_grw_default_is_disalign_weighted_cross_entropy():
+    """DisAlign's GRW loss is F.cross_entropy(logits, y, weight=w) with the default mean: torch's
+    weighted mean is the oracle for our default reduction."""
+    torch.manual_seed(1)
+    logits, y = torch.randn(16, 5), torch.randint(5, (16,))
+    w = allnc.grw_weights([500, 120, 40, 12, 5], rho=1.2)
+    assert allnc.grw_loss(logits, y, w).item() == pytest.approx(F.cross_entropy(logits, y, weight=w).item(), rel=1e-6)
+    assert allnc.Config().grw_reduction == "weights" and allnc.Config().p2p_w == "raw"
+
+
+def test_p2p_raw_rows_eq11_as_written():
+    """Eq. 11 on raw rows: 0 on a unit-norm simplex ETF like the normalised form; scaling the rows
+    changes the raw loss (rho_ii = 1 pulls norms to 1) and not the unit one."""
+    M = models.simplex_etf(16, 10, torch.Generator().manual_seed(0)).t()       # unit rows
+    assert allnc.p2p_loss_raw(M).item() == pytest.approx(0, abs=1e-10)
+    assert allnc.p2p_loss(M).item() == pytest.approx(0, abs=1e-10)
+    assert allnc.p2p_loss_raw(2 * M).item() > 0.1
+    assert allnc.p2p_loss(2 * M).item() == pytest.approx(0, abs=1e-10)
+    # C=2, rows (2, 0) and (0, 1): gram [[4, 0], [0, 1]] vs rho [[1, -1], [-1, 1]] -> (9 + 1 + 1 + 0) / 4
+    assert allnc.p2p_loss_raw(torch.tensor([[2.0, 0.0], [0.0, 1.0]])).item() == pytest.approx(11 / 4)
+
+
+def test_hycon_class_mean_term_moves_a_class_together():
+    """Eq. 8's class-mean term: its gradient reaches z only through u, so every member of a class gets
+    the same gradient through it, and a class present once gets none (u = z itself, and the
+    derivative of z/|z| is orthogonal to z). A finding about the paper's loss, not a bug of ours."""
+    torch.manual_seed(0)
+    y = torch.tensor([0, 0, 0, 1])
+    z1, z2 = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    h1, h2 = torch.randn(4, 6), torch.randn(4, 6)                  # no gradient through h
+    u1, u2 = (allnc.batch_class_means(z, y, 2)[0][y] for z in (z1, z2))
+    allnc.hycon_loss(h1, h2, z1, z2, u1, u2).backward()
+    for g in (z1.grad, z2.grad):
+        assert g[:3].abs().sum() > 1e-3                                     # the class of 3 moves ...
+        assert torch.allclose(g[0], g[1], atol=1e-6) and torch.allclose(g[0], g[2], atol=1e-6)   # ... together
+        assert g[3].abs().max() < 1e-6                                      # the class seen once: nothing
+
+
+class _OneHotModel(torch.nn.Module):
+    """phi(x) = x; logits = x W^T + b with W = I and a bias that favours class 0."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.tensor(bias))
+
+    def forward(self, x):
+        return x, x + self.b, x
+
+
+class _TwoClassData:
+    C, device, counts = 2, torch.device("cpu"), [90, 10]
+
+    def plain(self, train):
+        x = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)
+        yield x, torch.tensor([0] * 4 + [1] * 4)
+
+
+def test_decoupled_scores_find_the_tail_the_head_misses():
+    """Features that separate the classes, a bias that favours the head class: the head gets Few 0;
+    logit adjustment by hand: class-1 logits [1.5, 1] - log([0.9, 0.1]) = [1.61, 3.30] -> class 1,
+    class-0 logits [2.5, 0] -> [2.61, 2.30] -> class 0, so 100; nearest class mean: 100."""
+    model, data = _OneHotModel([1.5, 0.0]), _TwoClassData()
+    st = type("St", (), {"cfg": allnc.Config(method="ce"), "counts": data.counts})()
+    head = allnc.evaluate(model, data, st)
+    d = allnc.decoupled_scores(model, data, st, head)
+    assert d["head"]["top1"] == 50 and d["head"]["few"] == 0 and d["head"]["medium"] == 100
+    assert d["logit_adjusted"]["top1"] == 100 and d["logit_adjusted"]["few"] == 100
+    assert d["ncm"]["top1"] == 100 and d["ncm"]["few"] == 100
+    model.b.data = torch.tensor([3.5, 0.0])               # gap 3.5 - 1 > log 9: LA no longer recovers class 1
+    assert allnc.decoupled_scores(model, data, st, head)["logit_adjusted"]["few"] == 0
+    st.cfg = allnc.Config(method="etf")                   # LA does not apply to a fixed, balanced head
+    d = allnc.decoupled_scores(model, data, st, head)
+    assert d["logit_adjusted"] is None and "ETF" in d["la_not_applicable"]
+
+
 def test_gbbn_cls_loss_eq12_endpoints():
     torch.manual_seed(0)
     logits, y = torch.randn(8, 4), torch.randint(4, (8,))
@@ -122,7 +197,11 @@ def test_gbbn_cls_loss_eq12_endpoints():
     ce = F.cross_entropy(logits, y)
     re = allnc.grw_loss(logits, y, w)
     assert allnc.gbbn_cls_loss(logits, y, 1.0, w, W, True)[0].item() == pytest.approx(ce.item())
-    assert allnc.gbbn_cls_loss(logits, y, 0.0, w, W, True)[0].item() == pytest.approx((re + allnc.p2p_loss(W)).item())
+    # Eq. 11 as written by default: the raw rows; --p2p-w unit: normalised rows
+    raw = ((W @ W.t() - allnc.etf_gram(4)) ** 2).sum() / 16
+    assert allnc.gbbn_cls_loss(logits, y, 0.0, w, W, True)[0].item() == pytest.approx((re + raw).item(), rel=1e-6)
+    assert allnc.gbbn_cls_loss(logits, y, 0.0, w, W, True, p2p_w="unit")[0].item() == pytest.approx(
+        (re + allnc.p2p_loss(W)).item(), rel=1e-6)
     mid = allnc.gbbn_cls_loss(logits, y, 0.3, w, W, False)[0].item()
     assert mid == pytest.approx(0.3 * ce.item() + 0.7 * re.item(), rel=1e-6)
 
