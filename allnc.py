@@ -13,6 +13,7 @@ Equation numbers are the paper's. Importing this module trains nothing and downl
 import argparse
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -83,7 +84,8 @@ class Config:
     # AllNC (Eq. 8-14)
     gamma: float = opt(2.0, "GBBN exponent gamma of Eq. 13")
     alpha: float = opt(1.0, "weight alpha of L_con + L_p(mu~) in Eq. 14 (paper gives no default)")
-    grw_rho: float = opt(1.0, "GRW exponent rho: w_c ~ (1/N_c)^rho, normalised to sum C")
+    grw_rho: float = opt(None, "GRW exponent rho: w_c ~ (1/N_c)^rho, normalised to sum C (default: GLMC's training "
+                         "commands, 1.2 on CIFAR-LT but 1.0 for CIFAR-10-LT at imb <= 10, 1.0 elsewhere; GRW_RHO)")
     grw_reduction: str = opt("weights", "weights: GRW as the paper cites it (DisAlign's F.cross_entropy(weight=w), "
                              "sum_i w_yi CE_i / sum_i w_yi); batch: GLMC's (1/B) sum_i w_yi CE_i, which GLMC only "
                              "uses on batches mixed with a re-sampled tail-heavy partner", choices=("batch", "weights"))
@@ -187,6 +189,16 @@ ICPA_JSON_MAX = 100      # classes up to which the ICPA matrices stay inside the
 # Protocol defaults by dataset (README: "Which ResNet-32, which RandAugment?").
 WIDTH_DEFAULT = {"cifar10": 64, "cifar100": 64}      # GLMC's ResNet-32 (nf=64); fmnist/synthetic: 16
 
+
+def grw_rho_default(dataset, imb):
+    """GRW's exponent as AllNC's lineage ran it: GLMC's README commands give --label_weighting 1.2 for
+    CIFAR-10-LT at imb 100 and 50 and for every CIFAR-100-LT run, 1 for CIFAR-10-LT at imb 10 and 1.0
+    for ImageNet-LT and iNaturalist (DisAlign's own ImageNet-LT config: GRW_SCALE 1.2). Fashion-MNIST
+    and the synthetic set keep cvpods' and GLMC's code default, 1.0."""
+    if dataset == "cifar100" or (dataset == "cifar10" and imb > 10):
+        return 1.2
+    return 1.0
+
 # Fields that do not change what a run computes; left out of the run name's hash.
 NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "nc_every", "dist_backend",
                 "data_root", "download", "train_list", "test_list"}
@@ -271,7 +283,8 @@ def resolve(cfg, explicit=()):
     defaults = dict(epochs=(90 if cfg.dataset == "imagenet_lt" else 100) if big else 200,
                     batch_size=128 if big else 64, lr=0.1 if big else 0.01, wd=2e-4 if big else 5e-3,
                     arch={"imagenet_lt": "resnext50", "inat2018": "resnet50"}.get(cfg.dataset, "resnet_cifar"),
-                    width=WIDTH_DEFAULT.get(cfg.dataset, 16), warmup=10 if big else 0)
+                    width=WIDTH_DEFAULT.get(cfg.dataset, 16), warmup=10 if big else 0,
+                    grw_rho=grw_rho_default(cfg.dataset, cfg.imb))
     for k, v in defaults.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -1273,7 +1286,7 @@ def setup_distributed(cfg):
     # destroy_process_group() cannot drop; the group's gloo threads then outlive the interpreter,
     # and one of them releasing a finished collective during shutdown aborts the process
     # (README: torchrun, "a finished run exits 0").
-    import torch._dynamo  # noqa: F401
+    importlib.import_module("torch._dynamo")       # (a plain `import torch._dynamo` here would make torch local)
     torch.distributed.init_process_group(backend)
     group = torch.distributed.new_group(backend="gloo") if backend == "nccl" else None
     return Dist(rank, world, local, backend, group)
@@ -2394,6 +2407,8 @@ def main(argv=None):
         mode = next((k for k in ("tables", "plot", "eval", "benchmark") if extra[k]), None)
         if env and env[1] > 1 and mode:
             raise DataError(f"--{mode} runs in one process: start it with python, not torchrun")
+        if env and env[1] > 1 and cfg.device.startswith("cuda:"):      # before resolve() looks for that GPU
+            raise DataError(f"--device {cfg.device}: under torchrun each process takes cuda:LOCAL_RANK; give --device cuda")
         if extra["torchrun_stress"] is not None:
             kinds = extra["stress_kinds"].split(",")
             if extra["torchrun_stress"] < 1 or not set(kinds) <= {"plain", "nodes2", "sigterm"}:

@@ -33,6 +33,29 @@ def cli(*args, cwd=HERE, timeout=600, env=None):
                           env={**os.environ, **(env or {})})
 
 
+RUN_ALL_VARS = ("SCALE", "SEEDS", "RESULTS", "GPUS", "CUDA_VISIBLE_DEVICES", "JOBS", "WIDTH", "EXTRA", "NPROC",
+                "TORCHRUN_ARGS", "IMAGENET_LT_ROOT", "IMAGENET_LT_TRAIN_LIST", "IMAGENET_LT_TEST_LIST",
+                "INAT2018_ROOT", "INAT2018_TRAIN_LIST", "INAT2018_TEST_LIST", "OMP_NUM_THREADS")
+
+
+def run_all(*args, timeout=60, **env):
+    """bash run_all.sh with none of its settings inherited from the caller's environment, this
+    test's interpreter as PYTHON, and `env` as the only settings."""
+    clean = {k: v for k, v in os.environ.items() if k not in RUN_ALL_VARS} | {"PYTHON": PY} | env
+    return subprocess.run(["bash", "run_all.sh", *args], cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                          env=clean)
+
+
+def wait_for(event, proc, what, timeout=120):
+    """Until event() holds; fails at once, saying what never came, if proc ends first or the time
+    runs out (a signal is then never sent at a wrong moment)."""
+    t0 = time.time()
+    while not event():
+        assert proc.poll() is None, f"the process ended (exit {proc.returncode}) before {what}"
+        assert time.time() - t0 < timeout, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
 def tiny_cfg(tmp_path, **kw):
     base = dict(dataset="synthetic", imb=10.0, epochs=2, depth=8, batch_size=64, out=str(tmp_path),
                 nc_every=1, device=DEV)
@@ -122,6 +145,16 @@ def test_grw_default_is_disalign_weighted_cross_entropy():
     w = allnc.grw_weights([500, 120, 40, 12, 5], rho=1.2)
     assert allnc.grw_loss(logits, y, w).item() == pytest.approx(F.cross_entropy(logits, y, weight=w).item(), rel=1e-6)
     assert allnc.Config().grw_reduction == "weights" and allnc.Config().p2p_w == "raw"
+
+
+@pytest.mark.parametrize("dataset,imb,rho", [("cifar10", 200, 1.2), ("cifar10", 100, 1.2), ("cifar10", 50, 1.2),
+                                            ("cifar10", 10, 1.0), ("cifar100", 10, 1.2), ("cifar100", 100, 1.2),
+                                            ("fmnist", 100, 1.0), ("synthetic", 10, 1.0)])
+def test_grw_exponent_follows_glmcs_commands(tmp_path, dataset, imb, rho):
+    """GLMC's README: --label_weighting 1.2 on CIFAR-10-LT at rates 0.01/0.02 and all of CIFAR-100-LT,
+    1 on CIFAR-10-LT at 0.1; an explicit --grw-rho wins."""
+    assert allnc.resolve(allnc.Config(dataset=dataset, imb=imb, out=str(tmp_path))).grw_rho == rho
+    assert allnc.resolve(allnc.Config(dataset=dataset, imb=imb, grw_rho=0.5, out=str(tmp_path))).grw_rho == 0.5
 
 
 def test_p2p_raw_rows_eq11_as_written():
@@ -351,7 +384,11 @@ def test_each_method_trains_one_step(tmp_path, method, space):
     opt.step()
     after = model.state_dict()
     assert torch.isfinite(loss)
-    assert not torch.equal(before["encoder.conv1.weight"], after["encoder.conv1.weight"])
+    # every part the method trains got a gradient and moved: encoder and head; AllNC's proj1 and proj2 too
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    parts = ("encoder.", "head.") + (("proj1.", "proj2.") if method.startswith("allnc") else ())
+    assert all(any(n.startswith(part) for n in trained) for part in parts), (parts, sorted(trained))
+    assert all(not torch.equal(before[n], after[n]) for n in trained), trained
     for fixed in ("head.M", "head.w", "head.V", "head.E"):
         if fixed in before:
             assert torch.equal(before[fixed], after[fixed])
@@ -371,6 +408,84 @@ def test_allnc_total_is_eq14(tmp_path):
     total, t = allnc.step_allnc(model, xs, y, st)
     cls = lambda: 0.4 * t["ce"] + 0.6 * (t["grw"] + t["p2p_w"])     # t holds the mean over both views
     assert total.item() == pytest.approx((2 * cls() + 0.7 * (t["hycon"] + t["p2p_mu"])).item(), rel=1e-5)
+
+def test_hycon_pairs_each_view_with_the_other():
+    """Eq. 8 with asymmetric views, written from the paper: sim(h1, u2, sg z2) + sim(h2, u1, sg z1); pairing
+    each view with itself gives another value."""
+    g = torch.Generator().manual_seed(3)
+    h1, h2, z1, z2, u1, u2 = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(6))
+    cos = lambda a, b: (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    sim = lambda h, u, z: -cos(h, z) - cos(u, z)
+    want = (sim(h1, u2, z2) + sim(h2, u1, z1)).mean().item()
+    assert allnc.hycon_loss(h1, h2, z1, z2, u1, u2).item() == pytest.approx(want, rel=1e-6)
+    assert abs(want - (sim(h1, u1, z1) + sim(h2, u2, z2)).mean().item()) > 0.1     # the test can tell them apart
+
+
+def test_batch_class_means_by_hand():
+    z = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [-1.0, 0.0]])
+    means, present = allnc.batch_class_means(z, torch.tensor([0, 0, 2, 3]), 4)
+    assert torch.equal(means, torch.tensor([[2.0, 3.0], [0.0, 0.0], [5.0, 6.0], [-1.0, 0.0]]))
+    assert present.tolist() == [True, False, True, True]
+
+
+def test_allnc_step_against_the_paper_by_hand(tmp_path):
+    """Eq. 14 on a hand-made batch, every term from the paper's formulas in this test: GRW (DisAlign's
+    weighted mean), L_p(w) on the raw rows (Eq. 11), HyCon's cross-view pairing with class means u
+    (Eq. 8), L_p(mu~) over the centred, normalised class means (Eq. 10) where classes absent from the
+    batch enter by their running mean, never-seen classes are left out (mu_G and the denominator), and
+    the running means after the step (first sighting: the batch mean; then momentum 0.9)."""
+    cfg = tiny_cfg(tmp_path, alpha=0.7)
+    C, eta, m = 10, 0.4, cfg.mean_momentum
+    counts = data_lt.split_counts("synthetic", 10)
+    st = allnc.TrainState(cfg, type("D", (), {"C": C, "counts": counts})(), DEVICE)
+    st.eta = eta
+    torch.manual_seed(0)
+    model = allnc.build_model(cfg, C, counts, 3).to(DEVICE).eval()         # eval: BN is deterministic
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3], device=DEVICE)               # classes 4..9 absent
+    views = [torch.randn(8, 3, 16, 16, device=DEVICE) for _ in range(2)]
+    seen_before = torch.tensor([True, False, False, False, True, True, True, False, False, False], device=DEVICE)
+    old = torch.randn(C, cfg.proj_dim, device=DEVICE) * seen_before[:, None]
+    model.mu_run.copy_(old)
+    model.mu_seen.copy_(seen_before)
+    with torch.no_grad():
+        feat, logits, _ = model(torch.cat(views))
+        z = model.proj1(feat).double()
+        h = model.proj2(model.proj1(feat)).double()
+        logits, W = logits.double(), model.head.fc.weight.double()
+    n = torch.tensor(counts, dtype=torch.float64)
+    w = (n.sum() / n) / (n.sum() / n).sum() * C                              # GRW weights, rho 1, sum C
+    rho = torch.full((C, C), -1 / (C - 1), dtype=torch.float64) + torch.eye(C, dtype=torch.float64) * (1 + 1 / (C - 1))
+    p2p_w = ((W @ W.t() - rho) ** 2).sum() / C ** 2
+    B, yl = 8, y.tolist()
+    cls, u = [], []
+    for v in range(2):
+        ce_i = -torch.log_softmax(logits[v * B:(v + 1) * B], 1)[torch.arange(B), y]
+        grw = (w[y.cpu()].to(ce_i) * ce_i).sum() / w[y.cpu()].sum().item()
+        cls.append(eta * ce_i.mean() + (1 - eta) * (grw + p2p_w))
+        zv = z[v * B:(v + 1) * B]
+        u.append(torch.stack([zv[[j for j in range(B) if yl[j] == yl[i]]].mean(0) for i in range(B)]))
+    cos = lambda a, b: (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    z1, z2, h1, h2 = z[:B], z[B:], h[:B], h[B:]
+    hycon = (-cos(h1, z2) - cos(u[1], z2) - cos(h2, z1) - cos(u[0], z1)).mean()
+    batch_mu = {c: (z1[y == c].mean(0) + z2[y == c].mean(0)) / 2 for c in set(yl)}
+    avail = [c for c in range(C) if c in batch_mu or seen_before[c]]
+    mu = torch.stack([batch_mu[c] if c in batch_mu else old[c].double() for c in avail])
+    v_ = mu - mu.mean(0)
+    v_ = v_ / v_.norm(dim=1, keepdim=True)
+    idx = torch.tensor(avail)
+    p2p_mu = ((v_ @ v_.t() - rho[idx][:, idx]) ** 2).sum() / len(avail) ** 2
+    total, t = allnc.step_allnc(model, views, y, st)
+    assert t["hycon"].item() == pytest.approx(hycon.item(), rel=1e-4)
+    assert t["p2p_mu"].item() == pytest.approx(p2p_mu.item(), rel=1e-4)
+    assert t["p2p_w"].item() == pytest.approx(p2p_w.item(), rel=1e-4)
+    want = cls[0] + cls[1] + 0.7 * (hycon + p2p_mu)
+    assert total.item() == pytest.approx(want.item(), rel=1e-4)
+    for c in range(C):                                                         # running means after the step
+        expect = (m * old[c].double() + (1 - m) * batch_mu[c] if seen_before[c] else batch_mu[c]) if c in batch_mu \
+            else old[c].double()
+        assert torch.allclose(model.mu_run[c].double(), expect, atol=1e-5), c
+    assert model.mu_seen.tolist() == [c in batch_mu or bool(seen_before[c]) for c in range(C)]
+
 
 # ----------------------------------------------------------------------------------------------
 # Splits and data
@@ -770,11 +885,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([PY, *args, "--out", str(out_b)], cwd=HERE, env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = out_b / "r.ckpt"
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        if ck.exists() and torch.load(ck, weights_only=False)["epoch"] >= 2:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: ck.exists() and torch.load(ck, weights_only=False)["epoch"] >= 2, proc, "epoch 2's checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out_b / "r.json").exists(), "the run finished before it could be killed"
@@ -821,7 +932,7 @@ def test_plot_needs_matplotlib_or_draws(tmp_path):
 # run_all.sh and the paper tables
 
 def test_run_all_list_covers_every_table():
-    r = subprocess.run(["bash", "run_all.sh", "--list"], cwd=HERE, capture_output=True, text=True, timeout=60)
+    r = run_all("--list")
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stdout.splitlines() if l.startswith("Table") or l.startswith("Fig")]
     tables = {l.split()[0] + " " + l.split()[1] for l in lines}
@@ -838,14 +949,13 @@ def test_run_all_list_covers_every_table():
             assert float(w[w.index("--gamma") + 1]) == allnc.table2_gamma(d, float(i)) and "--recipe" not in w
         else:                # the paper's baseline numbers come from each method's own recipe
             assert w[w.index("--recipe") + 1] == "own"
-    wide = subprocess.run(["bash", "run_all.sh", "--list", "--only", "II"], cwd=HERE, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "WIDTH": "16"}).stdout.splitlines()
+    wide = run_all("--list", "--only", "II", WIDTH="16").stdout.splitlines()
     assert all(("--width 16" in l) == ("--method allnc" in l) for l in wide if l.startswith("Table II"))
 
 
 def test_run_all_smoke_end_to_end_prints_tables(tmp_path):
-    env = {**os.environ, "SCALE": "smoke", "RESULTS": str(tmp_path / "res"), "SEEDS": "0"}
-    r = subprocess.run(["bash", "run_all.sh"], cwd=HERE, capture_output=True, text=True, timeout=1200, env=env)
+    env = {"SCALE": "smoke", "RESULTS": str(tmp_path / "res"), "SEEDS": "0"}
+    r = run_all(timeout=1200, **env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs, bad = allnc.collect(str(tmp_path / "res"))
     assert len(runs) == 74 and not bad          # 84 listed configurations, 10 shared between tables
@@ -859,8 +969,7 @@ def test_run_all_smoke_end_to_end_prints_tables(tmp_path):
     assert len(ours) == 5 and all(l.rstrip(" |").split("|")[-1].strip() != "-" for l in ours)   # All filled
     t2 = out[out.index("Table II: top-1"):out.index("Table III:")]
     assert all("-" not in l.split("| ours  |")[1].replace("±", "") for l in t2.splitlines() if "| ours  |" in l)
-    again = subprocess.run(["bash", "run_all.sh", "--only", "VII"], cwd=HERE, capture_output=True, text=True,
-                           timeout=300, env=env)
+    again = run_all("--only", "VII", timeout=300, **env)
     assert again.returncode == 0 and again.stdout.count("skip (done)") == 5
 
 
@@ -1082,7 +1191,7 @@ BAD_VALUES = {   # field -> invalid command-line values (every Config field that
     "batch_size": ["0", "x"], "lr": ["0", "-0.1", "nan", "inf"], "wd": ["-1", "nan"], "momentum": ["1", "-0.1"],
     "warmup": ["-1"], "warmup_start": ["1.5", "-0.5"], "lr_step_factor": ["0", "2"], "lr_steps": ["a,b"],
     "depth": ["30", "2"], "width": ["0"], "proj_dim": ["0"], "pred_hidden": ["0"], "gamma": ["0", "inf"],
-    "alpha": ["-1", "nan"], "grw_rho": ["-1"], "mean_momentum": ["1.5"], "maxnorm": ["0"],
+    "alpha": ["-1", "nan"], "grw_rho": ["-1"], "p2p_w": ["diag"], "mean_momentum": ["1.5"], "maxnorm": ["0"],
     "wb_stage2_epochs": ["-1"], "wb_stage2_lr": ["0"], "wb_stage2_wd": ["-1"], "wb_cb_beta": ["1", "0"],
     "rbl_tau": ["-1"], "ncmc_f": ["1"], "ncmc_theta": ["0", "2"], "mixup": ["-1"], "cutout": ["-1"],
     "workers": ["-1"], "eval_every": ["0"], "nc_every": ["-1"], "out": ["/proc/nope", "FILE"],
@@ -1127,6 +1236,8 @@ def test_every_field_rejects_its_invalid_values(tmp_path, capsys):
     cases = [[f"--{k.replace('_', '-')}", {"FILE": str(afile), "MISSING": str(tmp_path / "none.txt")}.get(v, v)]
              for k, vals in BAD_VALUES.items() for v in vals] + BAD_COMBINATIONS
     out = tmp_path / "out"
+    cfg, extra = allnc.parse_args(["--dataset", "synthetic", "--out", str(out)])   # control: the base is accepted
+    allnc.resolve(cfg, extra["explicit"])
     for args in cases:
         argv = ["--dataset", "synthetic", "--out", str(out), *args]
         try:
@@ -1135,6 +1246,7 @@ def test_every_field_rejects_its_invalid_values(tmp_path, capsys):
             rc = e.code
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("error:"), (args, rc, err)
+        assert args[0] in err[0] or args in BAD_COMBINATIONS, (args, err)       # the error names the flag
         assert not out.exists() and sorted(os.listdir(tmp_path)) == ["afile"], args       # nothing written
     print(f"{len(BAD_VALUES)} fields, {len(cases)} invalid inputs")
     for args in (["--imb", "inf"], ["--lr", "nan"], ["--out", "/proc/nope"]):    # the real command line
@@ -1203,9 +1315,8 @@ def test_real_sigterm_exits_143_and_resumes(tmp_path):
             "--device", "cpu", "--name", "r", "--out", str(tmp_path)]
     proc = subprocess.Popen([PY, *args], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ck, t0 = tmp_path / "r.ckpt", time.time()
-    while time.time() - t0 < 120 and not ck.exists():
-        time.sleep(0.05)
+    ck = tmp_path / "r.ckpt"
+    wait_for(ck.exists, proc, "the first checkpoint")
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143 and "stopped by SIGTERM" in err and "run the same command" in err, err
@@ -1439,13 +1550,12 @@ def test_compiled_step_is_not_recompiled_when_eta_changes(tmp_path, monkeypatch)
 def test_cpu_study_list_covers_the_issue(tmp_path):
     """SCALE=cpu --list: every method at two imbalance factors (one with a non-empty Few group),
     the four ablations, >= 4 gammas and alphas, NC curves, three seeds, one budget for every row."""
-    r = subprocess.run(["bash", "run_all.sh", "--list"], cwd=HERE, capture_output=True, text=True, timeout=60,
-                       env={k: v for k, v in os.environ.items() if k not in ("SEEDS", "RESULTS")} | {"SCALE": "cpu"})
+    r = run_all("--list", SCALE="cpu")
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stdout.splitlines() if "allnc.py" in l]
     parsed = []
     for l in lines:
-        table, cmd = l.split("python", 1)[0].strip(), l.split("allnc.py", 1)[1].split()
+        table, cmd = l[:9].strip(), l.split("allnc.py", 1)[1].split()
         args, extra = allnc.parse_args(cmd[:cmd.index("--seed")] + ["--out", str(tmp_path)])
         parsed.append((table, allnc.resolve(args, extra["explicit"])))
     budgets = {(c.epochs, c.depth, c.width, c.batch_size, c.lr, c.wd, c.n_max, c.device, c.nc_every) for _, c in parsed}
@@ -1461,7 +1571,25 @@ def test_cpu_study_list_covers_the_issue(tmp_path):
     assert {a for c in abl for a in allnc.ABLATIONS if getattr(c, a)} == set(allnc.ABLATIONS) and len(abl) == 5
     assert len({c.gamma for t, c in parsed if t == "Table VI"}) >= 4
     assert len({c.alpha for t, c in parsed if t == "Fig. 8"}) >= 4
-    assert r.stdout.strip().endswith("seeds: 0 1 2")
+    assert all(l.endswith("# S in: 0 1 2") for l in lines)
+
+
+def test_cpu_long_list_is_the_study_at_200_epochs(tmp_path):
+    """SCALE=cpu-long --list: the CPU study's data and network at the paper's 200 epochs; Table II's
+    methods with seeds 0 1, the ablations and gamma 1, 4 with seed 0; AllNC and CE first."""
+    r = run_all("--list", SCALE="cpu-long")
+    assert r.returncode == 0, r.stderr
+    parsed = []
+    for l in (l for l in r.stdout.splitlines() if "allnc.py" in l):
+        cmd = l.split("allnc.py", 1)[1].split()
+        args, extra = allnc.parse_args(cmd[:cmd.index("--seed")] + ["--out", str(tmp_path)])
+        parsed.append((l[:9].strip(), allnc.resolve(args, extra["explicit"]), l.rsplit("S in: ", 1)[1]))
+    assert {(c.dataset, c.imb, c.n_max, c.depth, c.width, c.epochs) for _, c, _ in parsed} == {("fmnist", 100, 1000, 8, 16, 200)}
+    t2 = [(c.method, s) for t, c, s in parsed if t == "Table II"]
+    assert sorted(t2) == sorted((m, s) for m in allnc.METHODS for s in "01") and t2[:2] == [("allnc", "0"), ("ce", "0")]
+    assert sorted(c.gamma for t, c, s in parsed if t == "Table VI" and s == "0") == [1.0, 4.0]
+    abl = [c for t, c, s in parsed if t == "Table VII" and s == "0"]
+    assert sorted(a for c in abl for a in allnc.ABLATIONS if getattr(c, a)) == sorted(allnc.ABLATIONS)
 
 
 def test_n_max_shrinks_the_long_tail_profile():
@@ -1522,7 +1650,7 @@ def test_two_processes_train_the_run_of_one(tmp_path, extra):
     the thread count of one process (1 vs 2) moved AllNC's loss terms by up to 7e-5 (relative) over 3
     epochs, 2 processes by 1.2e-4 to 1.9e-4; per-process class means (no global_sum) moved them by 0.16,
     BatchNorm without synchronisation by 0.047. 2e-3 lies between."""
-    one = cli(*DIST_ARGS, *extra, "--out", str(tmp_path / "one"))
+    one = cli(*DIST_ARGS, *extra, "--out", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})   # as torchrun's
     two = torchrun(*DIST_ARGS, *extra, "--out", str(tmp_path / "two"))
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "two")) == ["r.best.pt", "r.json", "r.lock", "r.pt"]   # rank 0 writes
@@ -1552,7 +1680,8 @@ def test_a_finished_torchrun_process_leaves_no_process_group_threads(tmp_path):
     probe.write_text(f"import os, sys\nsys.path.insert(0, {HERE!r})\nimport allnc\n"
                      "n = lambda: len(os.listdir('/proc/self/task'))\nbefore = n()\nrc = allnc.main(sys.argv[1:])\n"
                      "print(f'threads {before} -> {n()}', flush=True)\nsys.exit(rc)\n")
-    args = [*DIST_ARGS[1:], "--epochs", "1", "--nc-every", "0", "--out", str(tmp_path / "o")]
+    args = [a for a in DIST_ARGS[1:] if a not in ("--device", "cpu")]      # --device auto, the default path
+    args += ["--epochs", "1", "--nc-every", "0", "--out", str(tmp_path / "o")]
     r = subprocess.run([*TORCHRUN, str(probe), *args], cwd=HERE, capture_output=True, text=True, timeout=120,
                        env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1589,11 +1718,9 @@ def test_killed_rank_stops_the_run_and_the_rerun_resumes(tmp_path):
     args = [*DIST_ARGS, "--epochs", "8", "--nc-every", "0", "--eval-every", "4", "--out", str(tmp_path)]
     proc = subprocess.Popen([*TORCHRUN, *args], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = tmp_path / "r.ckpt"
-    t0 = time.time()
-    while not ck.exists() and time.time() - t0 < 120:
-        time.sleep(0.05)
+    wait_for(ck.exists, proc, "the first checkpoint")
     pid = rank_pid(str(tmp_path), 1)
-    assert pid is not None and ck.exists()
+    assert pid is not None
     os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=60) != 0                     # the run fails, nothing hangs
     assert not (tmp_path / "r.json").exists(), "the run finished before a rank could be killed"
@@ -1612,7 +1739,7 @@ def test_torchrun_launch_errors_one_line_exit_2(tmp_path):
     for env, extra, needle in [({"RANK": "0", "WORLD_SIZE": "2"}, [], "torchrun environment is incomplete"),
                                (full, ["--batch-size", "63"], "does not split over 2 processes"),
                                (full, ["--device", "cpu", "--dist-backend", "nccl"], "--dist-backend nccl"),
-                               (full, ["--device", "cuda:0"], "cuda:"),
+                               (full, ["--device", "cuda:0"], "each process takes cuda:LOCAL_RANK"),
                                (full, ["--tables", str(tmp_path)], "runs in one process")]:
         r = cli(*base, *extra, env=env)
         assert r.returncode == 2 and needle in r.stderr, (extra, r.stderr)
@@ -1639,14 +1766,13 @@ def test_rank_parts_of_each_batch_are_the_single_process_batch():
 
 
 def test_run_all_launches_tables_iii_and_iv_through_torchrun():
-    env = {**os.environ, "NPROC": "8", "IMAGENET_LT_ROOT": "/data/inet", "INAT2018_ROOT": "/data/inat"}
-    r = subprocess.run(["bash", "run_all.sh", "--list"], cwd=HERE, capture_output=True, text=True, timeout=60, env=env)
+    env = {"NPROC": "8", "IMAGENET_LT_ROOT": "/data/inet", "INAT2018_ROOT": "/data/inat"}
+    r = run_all("--list", **env)
     lines = [l for l in r.stdout.splitlines() if l.startswith(("Table", "Fig"))]
     big = [l for l in lines if l.startswith(("Table III ", "Table IV "))]
     assert len(big) == 6 and all("-m torch.distributed.run --standalone --nproc-per-node 8 allnc.py" in l for l in big)
     assert not any("torch.distributed" in l for l in lines if l not in big)
-    bad = subprocess.run(["bash", "run_all.sh", "--list"], cwd=HERE, capture_output=True, text=True, timeout=60,
-                         env={**env, "NPROC": "0"})
+    bad = run_all("--list", **(env | {"NPROC": "0"}))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "NPROC" in bad.stderr
 
 
