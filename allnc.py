@@ -1224,10 +1224,15 @@ def stop_requested(step=None):
         return STOP["signal"] is not None
     if step is not None and step % STOP_CHECK_EVERY:
         return False
+    # Decide on the agreed value alone: a signal that lands after the snapshot below (even between
+    # the all_reduce and the return) must not make this process stop while the others go on (it did:
+    # one SIGTERM launch in 50 ended with rank 0 losing rank 1); it is seen at the next agreement.
     flag = torch.tensor([STOP["signal"] or 0])
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=DIST.cpu_group)
-    STOP["signal"] = STOP["signal"] or int(flag.item()) or None      # a signal on any process stops all
-    return STOP["signal"] is not None
+    agreed = int(flag.item())
+    if agreed:                                   # a signal on any process stops all
+        STOP["signal"] = STOP["signal"] or agreed
+    return bool(agreed)
 
 
 def torchrun_env(environ=None):
@@ -1467,6 +1472,12 @@ def train_run(cfg, name, res_path, ck_path, device, say):
         st.best_model = ck.get("best_model")
         say(f"resuming {name} from epoch {ck['epoch']}" + (f", step {partial['step']} of epoch {partial['epoch']}"
                                                             if partial else ""))
+    elif cfg.method == "allnc++" and not cfg.force:       # stage 1 = the AllNC run: continue from it if done
+        s1 = broadcast(load_stage1(cfg, say) if DIST.main else None)
+        if s1:
+            model.load_state_dict(s1["model"])
+            log, start, st.best_model = s1["log"], cfg.epochs + 1, s1["best_model"]
+            say(f"stage 1 of {name} is the finished AllNC run {s1['name']}: continuing from its weights at stage 2")
     steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
     if not getattr(say, "quiet", False):
         st.progress = Progress(total_epochs, steps, start, sys.stdout.isatty(), partial["step"] if partial else 0)
@@ -1529,6 +1540,52 @@ def train_run(cfg, name, res_path, ck_path, device, say):
     if os.path.exists(ck_path):
         os.remove(ck_path)
     return result
+
+
+def stage1_name(cfg):
+    """AllNC++'s stage 1 is the AllNC run of the same config: that run's name; None where they differ
+    (MaxNorm in stage 1, no stage 2, or a --name of the user's)."""
+    if cfg.method != "allnc++" or not cfg.wb_stage2_epochs or cfg.maxnorm_stage1 or cfg.name:
+        return None
+    stage2_defaults = {k: Config.__dataclass_fields__[k].default for k in _STAGE2_ONLY}
+    return run_name(dataclasses.replace(cfg, method="allnc", **(stage2_defaults | {"wb_stage2_epochs": 0})))
+
+
+def load_stage1(cfg, say):
+    """The finished AllNC run that is this AllNC++ run's stage 1, as AllNC++ would have it after its
+    epoch cfg.epochs: log (that epoch's test and NC entries only on AllNC++'s cadence), final weights
+    and best-epoch weights; None if there is none, or if its kept best weights are not AllNC++'s best.
+    Waits while another process is training that AllNC run (run_all.sh runs AllNC++ last)."""
+    name = stage1_name(cfg)
+    if name is None:
+        return None
+    base = os.path.join(cfg.out, name)
+    if os.path.exists(base + ".lock") and not os.path.exists(base + ".json"):
+        held = acquire_lock(base + ".lock")
+        if held is None:
+            say(f"waiting for {name}, running elsewhere, to continue from it")
+            import fcntl
+            held = open(base + ".lock", "a")
+            fcntl.flock(held, fcntl.LOCK_EX)
+        held.close()
+    r = load_result(base + ".json") if os.path.exists(base + ".json") else None
+    w = (r or {}).get("weights") or {}
+    if "final" not in w:
+        return None
+    log = [dict(row) for row in r["log"]]
+    last = log[-1]
+    if last["epoch"] % max(cfg.eval_every, 1):
+        last.pop("test", None)
+    if not (cfg.nc_every and last["epoch"] % cfg.nc_every == 0):
+        last.pop("nc", None)
+    best = best_epoch(log)
+    if best and best["epoch"] != (r.get("best") or {}).get("epoch"):
+        return None                                   # AllNC++'s best epoch is one whose weights were not kept
+    files = {k: os.path.join(cfg.out, w[k]["file"]) for k in ("final",) + (("best",) if best else ())}
+    if any(k not in w or not os.path.exists(f) or file_sha256(f) != w[k]["sha256"] for k, f in files.items()):
+        return None
+    load = lambda f: torch.load(f, map_location="cpu", weights_only=True)
+    return {"name": name, "log": log, "model": load(files["final"]), "best_model": load(files["best"]) if best else None}
 
 
 def stop(where, ck_path):

@@ -195,7 +195,10 @@ if [ "$LIST" = 1 ]; then
 fi
 
 mkdir -p "$RESULTS/logs"
-mapfile -t RUNS < <(selected | while IFS=$'\t' read -r table args seeds; do
+# AllNC++ runs last: its stage 1 is the AllNC run of the same config, which it then continues from
+# (allnc.py waits for one still training)
+mapfile -t RUNS < <({ selected | grep -v -- '--method allnc++'; selected | grep -- '--method allnc++'; } |
+                    while IFS=$'\t' read -r table args seeds; do
   case "$args" in SKIP*) printf '%s\t%s\t-\n' "$table" "$args" ;;
     *) for s in $seeds; do printf '%s\t%s\t%s\n' "$table" "$args" "$s"; done ;; esac
 done)
