@@ -2,6 +2,7 @@
 the real loaders on tiny files, NC metrics against an independent float64 computation, training,
 resume, bad input, and run_all.sh. Run: python -m pytest -q test_allnc.py"""
 import dataclasses
+from contextlib import nullcontext
 import json
 import math
 import os
@@ -1465,6 +1466,54 @@ def test_per_step_loop_never_syncs(tmp_path, monkeypatch, method, kw):
         if DEVICE.type == "cuda":
             torch.cuda.set_sync_debug_mode(0)
     assert n >= 5 and counted["n"] == 0, counted["names"][:10]
+
+
+HOST_READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
+              "unique_consecutive", "bincount", "item")
+
+
+@pytest.mark.parametrize("method,kw", [("allnc", {}), ("allnc", {"heads": 2, "p2p_space": "feature"}),
+                                       ("allnc", {"p2p_w": "unit", "grw_reduction": "batch"}),
+                                       ("ce", {"mixup": 1.0}), ("etf", {}), ("ncmc", {}),
+                                       ("allnc++", {"maxnorm_every": "step"})])
+def test_step_is_capture_safe(tmp_path, method, kw):
+    """What a CUDA graph can capture: the step, backward and the optimizer's update call no operator that
+    reads the device from the host or has a data-dependent shape (seen at the dispatcher, below every
+    Python wrapper). RBL is the named exception: its rotation's matrix_exp reads the host, so it stays
+    eager on the GPU (README)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in HOST_READS:
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny_cfg(tmp_path, method=method, **kw)
+    data = allnc.Data(cfg, DEVICE)
+    st = allnc.TrainState(cfg, data, DEVICE)
+    st.eta = 0.5
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE)
+    opt = allnc.make_optimizer(model, cfg)
+    cap = allnc.maxnorm_cap(model.head.fc.weight, 0.1) if method == "allnc++" else None
+    batches = iter(data.train_batches(1, allnc.VIEWS[method]))
+    for i in range(2):                     # the first step creates the momentum buffers (eager warm-up)
+        xs, y = next(batches)
+        with HostReads() if i else nullcontext() as mode:
+            loss, _ = allnc.STEPS[method](model, xs, y, st)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if cap is not None:
+                allnc.max_norm_(model.head.fc.weight, cap)
+    assert mode.seen == [], sorted(set(mode.seen))
+    with HostReads() as mode:              # the check can fail: the same mode sees .item()
+        loss.item()
+    assert mode.seen == ["_local_scalar_dense"]
 
 
 def test_large_icpa_matrices_live_beside_the_json(tmp_path, monkeypatch):
