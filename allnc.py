@@ -1973,14 +1973,14 @@ def study_rows(title, entries, ref_label, W=13):
     reference row's ('~': within the seed spread)."""
     print(title)
     ref = dict(entries).get(ref_label) or []
-    print(f"| {'':<20} | " + " | ".join(f"{k:>{W}}" for k in ("Many", "Medium", "Few", "All"))
+    print(f"| {'':<24} | " + " | ".join(f"{k:>{W}}" for k in ("Many", "Medium", "Few", "All"))
           + f" | {'All - ref':>9} | {'Few - ref':>9} | seeds |")
     for label, rs in entries:
         cells = [mean_std(rs, k) for k in SHOTS]
         d = ([f"{'':>9}"] * 2 if label == ref_label else
              [spread_delta(cells[3], mean_std(ref, "top1")), spread_delta(cells[2], mean_std(ref, "few"))])
         mark = (" (ref)" if label == ref_label else "") + (" *" if len(rs) == 1 else "")
-        print(f"| {label + mark:<20} | " + " | ".join(cell(c, W) for c in cells) + f" | {d[0]} | {d[1]} | {len(rs):>5} |")
+        print(f"| {label + mark:<24} | " + " | ".join(cell(c, W) for c in cells) + f" | {d[0]} | {d[1]} | {len(rs):>5} |")
     if any(len(rs) == 1 for _, rs in entries):
         print("* one seed: no spread, a difference from it is not tested against the seed spread")
 

@@ -126,17 +126,18 @@ configs() {  # one line per configuration: TABLE<TAB>allnc.py arguments[<TAB>see
     done
   done; done
   for m in allnc allnc++ ce; do
+    g=""; [ $m = ce ] || g=" --gamma 2"          # gamma is AllNC's (allnc.py refuses it for ce)
     if [ -n "${IMAGENET_LT_ROOT:-}" ]; then
-      printf 'Table III\t--dataset imagenet_lt %s --method %s --gamma 2\n' \
-        "$(folder_args "$IMAGENET_LT_ROOT" "${IMAGENET_LT_TRAIN_LIST:-}" "${IMAGENET_LT_TEST_LIST:-}")" $m
+      printf 'Table III\t--dataset imagenet_lt %s --method %s%s\n' \
+        "$(folder_args "$IMAGENET_LT_ROOT" "${IMAGENET_LT_TRAIN_LIST:-}" "${IMAGENET_LT_TEST_LIST:-}")" $m "$g"
     else printf 'Table III\tSKIP %s: IMAGENET_LT_ROOT is not set\n' $m; fi
     if [ -n "${INAT2018_ROOT:-}" ]; then
-      printf 'Table IV\t--dataset inat2018 %s --method %s --gamma 2\n' \
-        "$(folder_args "$INAT2018_ROOT" "${INAT2018_TRAIN_LIST:-}" "${INAT2018_TEST_LIST:-}")" $m
+      printf 'Table IV\t--dataset inat2018 %s --method %s%s\n' \
+        "$(folder_args "$INAT2018_ROOT" "${INAT2018_TRAIN_LIST:-}" "${INAT2018_TEST_LIST:-}")" $m "$g"
     else printf 'Table IV\tSKIP %s: INAT2018_ROOT is not set\n' $m; fi
   done
   for d in cifar10 cifar100; do for m in allnc ce; do
-    printf 'Table V\t--dataset %s --imb 1 --method %s --gamma 2%s\n' $d $m "$(width_arg)"
+    printf 'Table V\t--dataset %s --imb 1 --method %s%s%s\n' $d $m "$([ $m = ce ] || echo ' --gamma 2')" "$(width_arg)"
   done; done
   for i in 200 100; do for g in 0.5 1.0 1.5 2.0 2.5 3.0 3.5 4.0; do
     printf 'Table VI\t--dataset cifar100 --imb %s --method allnc --gamma %s%s\n' $i $g "$(width_arg)"
