@@ -34,7 +34,10 @@ import models
 from data_lt import DataError
 
 # ==============================================================================================
-# Config: every hyperparameter in one place; each run writes it into its result JSON.
+
+# ==============================================================================================
+# Config: every hyperparameter in one place, the paper's values by dataset beside the recipes;
+# each run writes it into its result JSON.
 
 METHODS = ("allnc", "allnc++", "ce", "etf", "rbl", "ncmc")
 
@@ -150,6 +153,26 @@ class Config:
     force: bool = opt(False, "re-run even if a finished result exists")
 
 
+# The paper's values by dataset (Sec. V-B: CIFAR-LT, and ImageNet-LT / iNaturalist with PaCo's
+# schedule), used where a flag is not given. Widths: GLMC's ResNet-32 on CIFAR (nf=64); 16 elsewhere.
+_CIFAR = dict(epochs=200, batch_size=64, lr=0.01, wd=5e-3, warmup=0, arch="resnet_cifar", width=16)
+_BIG = dict(batch_size=128, lr=0.1, wd=2e-4, warmup=10, width=16)
+DATASET_DEFAULTS = {
+    "cifar10": _CIFAR | {"width": 64}, "cifar100": _CIFAR | {"width": 64}, "fmnist": _CIFAR, "synthetic": _CIFAR,
+    "imagenet_lt": _BIG | {"epochs": 90, "arch": "resnext50"}, "inat2018": _BIG | {"epochs": 100, "arch": "resnet50"},
+}
+
+
+def grw_rho_default(dataset, imb):
+    """GRW's exponent as AllNC's lineage ran it: GLMC's README commands give --label_weighting 1.2 for
+    CIFAR-10-LT at imb 100 and 50 and for every CIFAR-100-LT run, 1 for CIFAR-10-LT at imb 10 and 1.0
+    for ImageNet-LT and iNaturalist (DisAlign's own ImageNet-LT config: GRW_SCALE 1.2). Fashion-MNIST
+    and the synthetic set keep cvpods' and GLMC's code default, 1.0."""
+    if dataset == "cifar100" or (dataset == "cifar10" and imb > 10):
+        return 1.2
+    return 1.0
+
+
 # --recipe own: each method's published recipe as Config overrides (README: "Baselines").
 # A value may be a dict by dataset ("*" for the rest). Flags the user gives explicitly win.
 _ETF_RECIPE = dict(batch_size=128, lr=0.1, wd=2e-4, epochs=200, warmup=5, lr_schedule="step", lr_steps="160,180",
@@ -167,214 +190,9 @@ RECIPES = {
     "ncmc": _ETF_RECIPE,
 }
 
-
-def apply_recipe(cfg, explicit=()):
-    """--recipe own: the method's RECIPES overrides, except fields the user set explicitly."""
-    if cfg.recipe != "own":
-        return cfg
-    if cfg.method not in RECIPES:
-        raise DataError(f"--recipe own: {cfg.method} has no published recipe besides AllNC's; use --recipe allnc")
-    for k, v in RECIPES[cfg.method].items():
-        if k not in explicit:
-            setattr(cfg, k, v.get(cfg.dataset, v.get("*")) if isinstance(v, dict) else v)
-    return cfg
-
-
-def feature_dim(cfg):
-    return 4 * cfg.width if cfg.arch == "resnet_cifar" else 2048
-
-
-ICPA_JSON_MAX = 100      # classes up to which the ICPA matrices stay inside the result JSON
-
-# Protocol defaults by dataset (README: "Which ResNet-32, which RandAugment?").
-WIDTH_DEFAULT = {"cifar10": 64, "cifar100": 64}      # GLMC's ResNet-32 (nf=64); fmnist/synthetic: 16
-
-
-def grw_rho_default(dataset, imb):
-    """GRW's exponent as AllNC's lineage ran it: GLMC's README commands give --label_weighting 1.2 for
-    CIFAR-10-LT at imb 100 and 50 and for every CIFAR-100-LT run, 1 for CIFAR-10-LT at imb 10 and 1.0
-    for ImageNet-LT and iNaturalist (DisAlign's own ImageNet-LT config: GRW_SCALE 1.2). Fashion-MNIST
-    and the synthetic set keep cvpods' and GLMC's code default, 1.0."""
-    if dataset == "cifar100" or (dataset == "cifar10" and imb > 10):
-        return 1.2
-    return 1.0
-
-# Fields that do not change what a run computes; left out of the run name's hash.
-NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "nc_every", "dist_backend",
-                "data_root", "download", "train_list", "test_list"}
-# Fields added after results existed: left out of the hash at their default, so old names still match.
-HASHED_ONLY_IF_SET = {"n_max"}
-
-
-# Valid values of every numeric field: (test, what the value must be). Checked by resolve()
-# before any work starts; bad input gets one line naming the flag and the valid range.
-_pos, _nonneg = (lambda v: v >= 1, "a positive integer"), (lambda v: v >= 0, ">= 0")
-RULES = {
-    "imb": (lambda v: v >= 1, ">= 1 (the imbalance factor N_max/N_min; 1 = balanced)"),
-    "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)"),
-    "epochs": _pos, "batch_size": _pos, "width": _pos, "proj_dim": _pos, "pred_hidden": _pos, "eval_every": _pos,
-    "lr": (lambda v: v > 0, "> 0"), "wd": _nonneg, "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "warmup": _nonneg, "warmup_start": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "lr_step_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "depth": (lambda v: v >= 8 and (v - 2) % 6 == 0, "6n+2: 8, 20, 32, 44 or 56"),
-    "gamma": (lambda v: v > 0, "> 0"), "alpha": _nonneg, "grw_rho": _nonneg,
-    "mean_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "maxnorm": (lambda v: v > 0, "> 0"), "wb_stage2_epochs": _nonneg, "wb_stage2_lr": (lambda v: v > 0, "> 0"),
-    "wb_stage2_wd": _nonneg, "wb_cb_beta": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "rbl_tau": _nonneg, "ncmc_f": (lambda v: v >= 2, ">= 2"),
-    "ncmc_theta": (lambda v: 0 < v < math.pi / 2, "in (0, pi/2)"),
-    "mixup": _nonneg, "cutout": _nonneg, "workers": _nonneg, "nc_every": _nonneg,
-}
-
-
-# Fields that act only for some methods: given explicitly to another method, the run would
-# silently differ from its name (the hash takes every field), so resolve() refuses them.
-_ALLNC_ONLY = ("gamma", "alpha", "grw_rho", "grw_reduction", "mean_momentum", "p2p_space", "p2p_w", "no_hycon",
-               "no_p2p", "no_gbbn", "fixed_gamma", "heads", "proj", "proj_dim", "pred_hidden")
-_STAGE2_ONLY = ("maxnorm", "maxnorm_mode", "maxnorm_every", "maxnorm_stage1", "wb_stage2_epochs", "wb_stage2_lr",
-                "wb_stage2_wd", "wb_cb_beta")
-METHOD_ONLY = {**{k: ("allnc", "allnc++") for k in _ALLNC_ONLY}, **{k: ("allnc++",) for k in _STAGE2_ONLY},
-               "etf_balance": ("etf",), "rbl_tau": ("rbl",),
-               **{k: ("ncmc",) for k in ("ncmc_f", "ncmc_theta", "ncmc_centers")},
-               "mixup": ("ce", "etf", "rbl", "ncmc")}
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def check_writable_dir(path):
-    """The --out directory exists or can be made, and is writable; leaves nothing behind."""
-    made, p = [], os.path.abspath(path)
-    while not os.path.exists(p):
-        made.append(p)
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise DataError(f"--out {path}: {p} is a file, not a directory; choose another --out")
-    try:
-        for d in reversed(made):
-            os.mkdir(d)
-        probe = os.path.join(os.path.abspath(path), f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise DataError(f"--out {path} cannot be created or written ({e.strerror}); choose a writable directory") from None
-    finally:
-        for d in made:
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
-
-
-def resolve(cfg, explicit=()):
-    """Apply --recipe, fill dataset-dependent defaults (paper V-B) and validate every field; raises
-    DataError on bad input. explicit: the fields the user set on the command line (they beat a recipe)."""
-    apply_recipe(cfg, explicit)
-    for f in dataclasses.fields(cfg):          # numbers first: finite, then in range
-        v = getattr(cfg, f.name)
-        if isinstance(v, float) and not math.isfinite(v):
-            raise DataError(f"{flag(f.name)} {v} is not a finite number")
-    if cfg.imb < 1:
-        raise DataError(f"--imb {cfg.imb:g} is below 1; the imbalance factor is N_max/N_min, use 1 for balanced data")
-    info = data_lt.DATASETS[cfg.dataset]
-    big = info.kind == "folder"
-    defaults = dict(epochs=(90 if cfg.dataset == "imagenet_lt" else 100) if big else 200,
-                    batch_size=128 if big else 64, lr=0.1 if big else 0.01, wd=2e-4 if big else 5e-3,
-                    arch={"imagenet_lt": "resnext50", "inat2018": "resnet50"}.get(cfg.dataset, "resnet_cifar"),
-                    width=WIDTH_DEFAULT.get(cfg.dataset, 16), warmup=10 if big else 0,
-                    grw_rho=grw_rho_default(cfg.dataset, cfg.imb))
-    for k, v in defaults.items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    for k, (ok, what) in RULES.items():
-        if not ok(getattr(cfg, k)):
-            raise DataError(f"{flag(k)} {getattr(cfg, k)!r} is invalid: it must be {what}")
-    if cfg.n_max is not None and not (info.kind == "tensor" and 1 <= cfg.n_max <= info.n_max):
-        raise DataError(f"--n-max {cfg.n_max} is invalid for {cfg.dataset}: " + (
-            f"give 1 to {info.n_max} (its largest class)" if info.kind == "tensor" else
-            "it applies to cifar10, cifar100, fmnist and synthetic; ImageFolder data keep their split"))
-    if cfg.arch not in ("resnet_cifar", "resnext50", "resnet50"):
-        raise DataError(f"--arch {cfg.arch!r} unknown; use resnet_cifar, resnext50 or resnet50")
-    C = info.num_classes
-    for k in sorted(set(explicit) & set(METHOD_ONLY)):
-        if cfg.method not in METHOD_ONLY[k]:
-            raise DataError(f"{flag(k)} applies to {' and '.join(METHOD_ONLY[k])}, not to --method {cfg.method} "
-                            f"(the run would be the same without it, under another name); drop it")
-    if info.kind == "tensor" and not cfg.smoke:
-        check_split_sizes(cfg, data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type, cfg.n_max))
-    if cfg.method == "etf" and feature_dim(cfg) < C - 1:
-        raise DataError(f"etf on {cfg.dataset} needs a feature dimension >= {C - 1} for {C} ETF vertices; "
-                        f"--width {cfg.width} gives {feature_dim(cfg)}: use --width {math.ceil((C - 1) / 4)} or more "
-                        f"(the ETF code's CIFAR-100 ResNet-32 has width 32)")
-    if cfg.mixup > 0 and cfg.method.startswith("allnc"):
-        raise DataError("--mixup applies to ce, etf, rbl and ncmc (AllNC trains on two views); drop it")
-    try:
-        parse_steps(cfg.lr_steps)
-    except ValueError:
-        raise DataError(f"--lr-steps {cfg.lr_steps!r}: give comma-separated epochs, e.g. 160,180") from None
-    if cfg.loader == "auto":
-        cfg.loader = "pil" if big else "tensor"
-    if big and cfg.loader == "tensor":
-        raise DataError(f"{cfg.dataset} is an ImageFolder dataset; use --loader pil")
-    try:
-        dev = torch.device("cpu" if cfg.device == "auto" else cfg.device)
-    except RuntimeError:
-        raise DataError(f"--device {cfg.device!r} unknown; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {cfg.device} but no CUDA device is available; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DataError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if cfg.nesterov and cfg.momentum == 0:
-        raise DataError("--nesterov needs --momentum > 0")
-    if cfg.method == "ncmc" and C > 100:
-        raise DataError(f"ncmc's frame needs f x C = {cfg.ncmc_f * C} dimensions for {C} classes; it is "
-                        f"implemented for up to 100 classes (CIFAR-100)")
-    if cfg.name is not None and (not cfg.name.strip() or os.sep in cfg.name or cfg.name.startswith(".")):
-        raise DataError(f"--name {cfg.name!r} must be a plain file name (no '{os.sep}', not starting with '.')")
-    if os.path.exists(cfg.data_root) and not os.path.isdir(cfg.data_root):
-        raise DataError(f"--data-root {cfg.data_root} is a file; give the directory that holds the dataset")
-    for k in ("train_list", "test_list"):
-        if getattr(cfg, k) is not None and not os.path.isfile(getattr(cfg, k)):
-            raise DataError(f"{flag(k)} {getattr(cfg, k)} does not exist; give the split list file or leave it out")
-    check_writable_dir(cfg.out)
-    if cfg.method != "allnc++":
-        cfg.wb_stage2_epochs = 0
-    return cfg
-
-
-def check_split_sizes(cfg, counts):
-    """Every class keeps a training image, the imbalance is the one asked for, and a batch fits in
-    the training set (under torchrun the global batch: each process's share then fits in its share)."""
-    n_max = cfg.n_max or data_lt.DATASETS[cfg.dataset].n_max
-    if cfg.imb_type == "pareto" and n_max / cfg.imb < 0.5:
-        raise DataError(f"--n-max {n_max} with --imb-type pareto --imb {cfg.imb:g}: the smallest class would need "
-                        f"{n_max / cfg.imb:.2f} images and is raised to 1, so the imbalance would be {n_max:g}, not "
-                        f"{cfg.imb:g}; give --n-max {math.ceil(cfg.imb / 2)} or more, or a smaller --imb")
-    if min(counts) == 0:
-        need = next(n for n in range(max(1, math.floor(cfg.imb)), 10 ** 9)
-                    if min(data_lt.exp_counts(n, len(counts), cfg.imb)) > 0)
-        raise DataError(f"--n-max {n_max} at --imb {cfg.imb:g} leaves {sum(c == 0 for c in counts)} of {len(counts)} "
-                        f"classes without a training image (n_c = int(n_max * imb^(-c/(C-1)))); give --n-max "
-                        f"{need} or more, or a smaller --imb")
-    if cfg.batch_size > sum(counts):
-        raise DataError(f"--batch-size {cfg.batch_size} is larger than the training set ({sum(counts)} images): every "
-                        f"step would train on all of them; give --batch-size {sum(counts)} or less")
-
-
-def run_name(cfg):
-    if cfg.name:
-        return cfg.name
-    ident = {k: v for k, v in dataclasses.asdict(cfg).items()
-             if k not in NOT_IDENTITY and not (k in HASHED_ONLY_IF_SET and v is None)}
-    h = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:6]
-    abl = "".join(f"-{k.replace('_', '')}" for k in ("no_hycon", "no_p2p", "no_gbbn", "fixed_gamma") if ident[k])
-    return (f"{cfg.dataset}-imb{cfg.imb:g}-{cfg.method}{abl}-g{cfg.gamma:g}-a{cfg.alpha:g}-e{cfg.epochs}"
-            f"-s{cfg.seed}{'-smoke' if cfg.smoke else ''}-{h}")
-
 # ==============================================================================================
-# Losses (each a pure function of tensors; equation numbers are the paper's)
+# Losses (each a pure function of tensors; equation numbers are the paper's). Under torchrun a
+# loss that needs the global batch gets `dist`, whose sum() adds the processes' parts.
 
 def etf_gram(C, device=None):
     """Eq. 9: rho_ij = C/(C-1) delta_ij - 1/(C-1), i.e. 1 on the diagonal and -1/(C-1) off it."""
@@ -433,21 +251,25 @@ def grw_weights(counts, rho=1.0):
     return (w / w.sum() * len(n)).float()
 
 
-def grw_loss(logits, y, weights, reduction="weights"):
+def grw_loss(logits, y, weights, reduction="weights", dist=None):
     """Class-weighted CE. 'weights': GRW as DisAlign computes it (F.cross_entropy(weight=w), the
-    weighted mean sum_i w_yi CE_i / sum_i w_yi; under torchrun sum w_y of the global batch: each of
-    the N processes divides its part by the mean over processes); 'batch': GLMC's (1/B) sum_i w_yi CE_i."""
+    weighted mean sum_i w_yi CE_i / sum_i w_yi; under torchrun (dist) sum w_y of the global batch:
+    each of the N processes divides its part by the mean over processes); 'batch': GLMC's
+    (1/B) sum_i w_yi CE_i."""
     ce = F.cross_entropy(logits.float(), y, reduction="none")
     wy = weights[y]
-    return (wy * ce).sum() / (len(y) if reduction == "batch" else global_sum(wy.sum()) / DIST.world)
+    if reduction == "batch":
+        return (wy * ce).sum() / len(y)
+    return (wy * ce).sum() / (wy.sum() if dist is None else dist.sum(wy.sum()) / dist.world)
 
 
-def gbbn_cls_loss(logits, y, eta, weights, w_rows, use_p2p, reduction="weights", ce_logits=None, p2p_w="raw"):
+def gbbn_cls_loss(logits, y, eta, weights, w_rows, use_p2p, reduction="weights", ce_logits=None, p2p_w="raw",
+                  dist=None):
     """Eq. 12: mean_i [eta CE + (1 - eta)(L_re + L_p(w))] for one view. ce_logits: a separate
     conventional head's logits for the CE term (--heads 2, GLMC); by default the same classifier.
     p2p_w: L_p(w) on the raw rows (Eq. 11 as written) or on unit rows."""
     ce = F.cross_entropy((logits if ce_logits is None else ce_logits).float(), y)
-    re = grw_loss(logits, y, weights, reduction)
+    re = grw_loss(logits, y, weights, reduction, dist)
     pw = (p2p_loss_raw(w_rows) if p2p_w == "raw" else p2p_loss(w_rows)) if use_p2p else ce.new_zeros(())
     return eta * ce + (1 - eta) * (re + pw), {"ce": ce, "grw": re, "p2p_w": pw}
 
@@ -470,17 +292,17 @@ def cb_loss(logits, y, counts, beta=0.9999, w=None):
         return F.binary_cross_entropy(p, onehot, weight=w[y][:, None].expand_as(p))
 
 
-def etf_dr_loss(h, M, y, balance=True, y_count=None):
+def etf_dr_loss(h, M, y, balance=True, y_count=None, dist=None):
     """Dot-regression loss of Yang et al. (reg_dot_loss): 0.5 mean((<h, Ew_y m_y> - Ew_y)^2) for unit h
     and unit m_y, i.e. 0.5 mean(Ew_y^2 (<h, m_y> - 1)^2). produce_Ew: Ew_c = sqrt((B / classes in the
-    batch) / count_c), counted on y_count (the un-mixed labels; default y) over the global batch;
-    balance=False: Ew = 1."""
+    batch) / count_c), counted on y_count (the un-mixed labels; default y) over the global batch
+    (under torchrun, dist sums the counts); balance=False: Ew = 1."""
     dot = (h.float() * M.t()[y]).sum(1)
     per = 0.5 * (dot - 1) ** 2
     if balance:
         yc = y if y_count is None else y_count
         cnt = torch.zeros(M.shape[1], device=y.device).index_add_(0, yc, torch.ones_like(yc, dtype=torch.float))
-        cnt = global_sum(cnt)
+        cnt = cnt if dist is None else dist.sum(cnt)
         per = per * cnt.sum() / ((cnt > 0).sum() * cnt[y].clamp(min=1))
     return per.mean()
 
@@ -498,39 +320,58 @@ def ncmc_loss(x, V, mask, k, y, theta, reg=6e-4):
     return per.mean()
 
 
-def batch_class_means(z, y, C):
+def batch_class_means(z, y, C, dist=None):
     """Mean of z over each class present in the (global) batch, with gradient, and the present mask.
-    Under torchrun the sums and counts are summed over the processes (global_sum), so every process
-    gets the global batch's means. Counts by index_add_ (bincount on CUDA syncs with the host)."""
+    Under torchrun dist sums the sums and counts over the processes, so that every process gets the
+    global batch's means. Counts by index_add_ (bincount on CUDA syncs with the host)."""
     zc = torch.cat([z, torch.ones(len(y), 1, device=z.device, dtype=z.dtype)], 1)     # z and a count column
-    both = global_sum(torch.zeros(C, zc.shape[1], device=z.device, dtype=z.dtype).index_add(0, y, zc))
+    both = torch.zeros(C, zc.shape[1], device=z.device, dtype=z.dtype).index_add(0, y, zc)
+    both = both if dist is None else dist.sum(both)
     sums, cnt = both[:, :-1], both[:, -1]
     return sums / cnt.clamp(min=1)[:, None], cnt > 0
 
 # ==============================================================================================
-# One training step per method (a dict from method name to step function, no class hierarchy).
-# Each returns (total loss, {term: value}); terms are logged and checked for NaN/inf.
+# The steps of Algorithm 1: the model, one training step per method (a dict from method name to
+# step function; each returns (total loss, {term: value}), the terms logged and checked for
+# NaN/inf), GBBN's eta and the learning rate per epoch, MaxNorm, the optimizer.
+
+def build_model(cfg, C, counts, in_channels):
+    enc = models.encoder_for(cfg.arch, cfg.depth, in_channels, cfg.width)
+    d = enc.out_dim
+    head = {"ce": lambda: models.LinearHead(d, C), "allnc": lambda: models.LinearHead(d, C, cfg.heads),
+            "allnc++": lambda: models.LinearHead(d, C, cfg.heads), "etf": lambda: models.ETFHead(d, C, cfg.seed),
+            "rbl": lambda: models.RotatedETFHead(d, C, cfg.seed),
+            "ncmc": lambda: models.MultiCenterHead(
+                d, C, models.ncmc_center_counts(counts, cfg.ncmc_f, cfg.ncmc_centers == "aware"),
+                cfg.ncmc_f, cfg.ncmc_theta, cfg.seed)}[cfg.method]()
+    allnc = cfg.method.startswith("allnc")
+    model = models.Net(enc, head, cfg.proj_dim if allnc else 0, cfg.pred_hidden, cfg.proj)
+    if allnc:
+        model.register_buffer("mu_run", torch.zeros(C, cfg.proj_dim if cfg.p2p_space == "z" else d))
+        model.register_buffer("mu_seen", torch.zeros(C, dtype=torch.bool))
+    return model
+
 
 def step_allnc(model, views, y, st):
-    """Algorithm 1, lines 5-13, for one batch."""
-    cfg, C, B = st.cfg, st.C, len(y)
+    """Algorithm 1, lines 5-13, for one batch (two augmented views of it)."""
+    cfg, C, B, dist = st.cfg, st.C, len(y), st.dist
     feat, logits, _ = model(torch.cat(views))
     with torch.autocast(feat.device.type, enabled=False):
         ce_logits = model.head.ce_logits(feat) if cfg.heads == 2 else None
     z = model.proj1(feat).float()
     p1, p2, z1, z2 = logits[:B], logits[B:], z[:B], z[B:]
-    u1, present = batch_class_means(z1, y, C)
-    u2, _ = batch_class_means(z2, y, C)
+    u1, present = batch_class_means(z1, y, C, dist)
+    u2, _ = batch_class_means(z2, y, C, dist)
     if cfg.p2p_space == "feature":
         f = feat.float()
-        mu_batch = (batch_class_means(f[:B], y, C)[0] + batch_class_means(f[B:], y, C)[0]) / 2
+        mu_batch = (batch_class_means(f[:B], y, C, dist)[0] + batch_class_means(f[B:], y, C, dist)[0]) / 2
     else:
         mu_batch = (u1 + u2) / 2
     use_p2p = not cfg.no_p2p
     W = model.head.classifier_weight()
     c1, c2 = (None, None) if ce_logits is None else (ce_logits[:B], ce_logits[B:])
-    cls1, t = gbbn_cls_loss(p1, y, st.eta_t, st.grw, W, use_p2p, cfg.grw_reduction, c1, cfg.p2p_w)
-    cls2, t2 = gbbn_cls_loss(p2, y, st.eta_t, st.grw, W, use_p2p, cfg.grw_reduction, c2, cfg.p2p_w)
+    cls1, t = gbbn_cls_loss(p1, y, st.eta_t, st.grw, W, use_p2p, cfg.grw_reduction, c1, cfg.p2p_w, dist)
+    cls2, t2 = gbbn_cls_loss(p2, y, st.eta_t, st.grw, W, use_p2p, cfg.grw_reduction, c2, cfg.p2p_w, dist)
     terms = {k: (t[k] + t2[k]) / 2 for k in t}
     zero = cls1.new_zeros(())
     terms["hycon"] = zero
@@ -553,47 +394,58 @@ def step_allnc(model, views, y, st):
     return total, terms
 
 
-# Single-view baselines: a loss of (logits, h, labels); step_single adds input mixup around it.
-def loss_ce(logits, h, y, st, y_count=None):
+# Single-view baselines: a loss of (logits, h, labels, the model's head); step_single adds input
+# mixup around it. y_count: the batch's own (un-mixed) labels, for the ETF loss's balance factor.
+def loss_ce(logits, h, y, head, st, y_count=None):
     return F.cross_entropy(logits.float(), y)
 
 
-def loss_etf(logits, h, y, st, y_count=None):
+def loss_etf(logits, h, y, head, st, y_count=None):
     """Dot regression; with --etf-balance the Ew factor comes from the batch's own (un-mixed) labels."""
-    return etf_dr_loss(h, st.model_head.M, y, st.cfg.etf_balance, y_count)
+    return etf_dr_loss(h, head.M, y, st.cfg.etf_balance, y_count, st.dist)
 
 
-def loss_ncmc(logits, h, y, st, y_count=None):
-    head = st.model_head
+def loss_ncmc(logits, h, y, head, st, y_count=None):
     return ncmc_loss(h, head.V, head.mask, head.k, y, st.cfg.ncmc_theta)
 
 
 BASELINE_LOSS = {"ce": (loss_ce, "ce"), "rbl": (loss_ce, "ce"), "etf": (loss_etf, "dr"), "ncmc": (loss_ncmc, "cal")}
 
 
-def mixup(x, y, alpha, rng):
+def mixup(x, y, alpha, rng, dist):
     """Input mixup (Zhang et al.; the ETF code's mixup_data): lam ~ Beta(alpha, alpha) and a random
     pairing over the global batch (under torchrun the partners come from every process), drawn from
     the numpy RandomState rng (seeded per epoch: resume replays them)."""
     lam = float(rng.beta(alpha, alpha))
-    xs, ys = gather_parts(x, len(y) * DIST.world), gather_parts(y, len(y) * DIST.world)
-    perm = data_lt.to_device(torch.from_numpy(rng.permutation(len(ys))[rank_part(len(ys))]), x.device)
+    xs, ys = dist.gather_batch(x), dist.gather_batch(y)
+    perm = data_lt.to_device(torch.from_numpy(rng.permutation(len(ys))[dist.part(len(ys))]), x.device)
     return lam * x + (1 - lam) * xs[perm], y, ys[perm], lam
 
 
 def step_single(model, views, y, st):
     """CE / ETF / RBL / NCMC: one view; with --mixup, loss = lam L(y_a) + (1 - lam) L(y_b)."""
     loss_fn, name = BASELINE_LOSS[st.cfg.method]
-    st.model_head = model.head
     x = views[0]
     if st.cfg.mixup > 0:
-        x, ya, yb, lam = mixup(x, y, st.cfg.mixup, st.mix_rng)
+        x, ya, yb, lam = mixup(x, y, st.cfg.mixup, st.mix_rng, st.dist)
         _, logits, h = model(x)
-        loss = lam * loss_fn(logits, h, ya, st, y) + (1 - lam) * loss_fn(logits, h, yb, st, y)
+        loss = lam * loss_fn(logits, h, ya, model.head, st, y) + (1 - lam) * loss_fn(logits, h, yb, model.head, st, y)
     else:
         _, logits, h = model(x)
-        loss = loss_fn(logits, h, y, st)
+        loss = loss_fn(logits, h, y, model.head, st)
     return loss, {name: loss}
+
+
+def step_stage2(model, views, y, st):
+    """AllNC++ stage 2 (weight balancing's demo 2): classifier only, frozen encoder (BN too),
+    class-balanced loss."""
+    model.encoder.eval()
+    with torch.no_grad():
+        feat = model.encoder(views[0]).float()
+    with torch.autocast(feat.device.type, enabled=False):
+        logits, _ = model.head(feat)
+    loss = cb_loss(logits, y, st.counts, st.cfg.wb_cb_beta, st.cb_w)
+    return loss, {"cb": loss}
 
 
 STEPS = {"allnc": step_allnc, "allnc++": step_allnc, "ce": step_single, "etf": step_single, "rbl": step_single,
@@ -615,123 +467,170 @@ def logit_adjust(logits, counts, tau):
     n = torch.as_tensor(counts, dtype=torch.float32, device=logits.device)
     return logits - tau * torch.log(n / n.sum())
 
+
+def eta_for(cfg, epoch):
+    if cfg.no_gbbn:
+        return 0.0
+    if cfg.fixed_gamma:
+        return bbn_eta(epoch, cfg.epochs)
+    return gbbn_eta(epoch, cfg.epochs, cfg.gamma)
+
+
+def lr_at(epoch, epochs, base, warmup=0, schedule="cosine", steps=(), step_factor=0.1, warmup_start=0.0):
+    """Learning rate of 0-based `epoch`, set once per epoch.
+    warm-up (e < W): base (s + (1 - s)(e + 1) / W), s = warmup_start (0: LDAM/ETF/PaCo; 0.5: RBL).
+    cosine, no warm-up: GLMC's CIFAR CosineAnnealingLR(T_max=E): base (1 + cos(pi e / E)) / 2;
+    cosine after a warm-up: PaCo's adjust_learning_rate, base (1 + cos(pi (e - W + 1) / (E - W + 1))) / 2;
+    cosine-rbl: RBL's run/utils.py, the same with E - W in the denominator;
+    step: LDAM-DRW / ETF, base * step_factor^(number of milestones <= e)."""
+    if epoch < warmup:
+        return base * (warmup_start + (1 - warmup_start) * (epoch + 1) / warmup)
+    if schedule == "step":
+        return base * step_factor ** sum(epoch >= s for s in steps)
+    if warmup == 0:
+        return base * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    end = epochs - warmup + (1 if schedule == "cosine" else 0)
+    return base * 0.5 * (1 + math.cos(math.pi * (epoch - warmup + 1) / end))
+
+
+def parse_steps(text):
+    """'160,180' -> (160, 180): the 0-based epochs from which the step schedule decays."""
+    return tuple(int(s) for s in str(text).split(",") if s.strip())
+
+
+def warmup_epochs(cfg):
+    """--warmup, cut to a fifth of the run for short runs (10 warm-up epochs of a 90-epoch
+    ImageNet-LT run stay 10; a 10-epoch test run warms up for 2)."""
+    return min(cfg.warmup, cfg.epochs // 5)
+
+
+def lr_for(cfg, epoch):
+    """The learning rate of 1-based `epoch`, set once per epoch: stage 1's schedule (--lr-schedule
+    after the warm-up), then AllNC++'s stage 2, a cosine from --wb-stage2-lr over its own epochs."""
+    if epoch > cfg.epochs:
+        return lr_at(epoch - cfg.epochs - 1, cfg.wb_stage2_epochs, cfg.wb_stage2_lr, 0, "cosine")
+    return lr_at(epoch - 1, cfg.epochs, cfg.lr, warmup_epochs(cfg), cfg.lr_schedule, parse_steps(cfg.lr_steps),
+                 cfg.lr_step_factor, cfg.warmup_start)
+
+
+def maxnorm_cap(W, thresh, mode="relative"):
+    """MaxNorm's cap on classifier row norms. relative (weight balancing's regularizers.py):
+    min + thresh (max - min) of the current row norms, fixed for the stage; absolute: thresh."""
+    if mode == "absolute":
+        return float(thresh)
+    n = W.detach().norm(dim=1)
+    return (n.min() + thresh * (n.max() - n.min())).item()
+
+
+def max_norm_(W, cap):
+    """MaxNorm's projection (PGD): rows longer than cap are scaled to it; the bias is exempt."""
+    with torch.no_grad():
+        W.mul_((cap / W.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+
+
+def make_optimizer(model, cfg, stage2=False):
+    if stage2:
+        params, lr, wd = model.head.parameters(), cfg.wb_stage2_lr, cfg.wb_stage2_wd
+    else:
+        params, lr, wd = model.parameters(), cfg.lr, cfg.wd
+    cuda = next(model.parameters()).is_cuda
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov and not stage2,
+                           fused=cuda or None)     # fused on CUDA: one kernel, and no GradScaler sync
+
 # ==============================================================================================
-# Model and data set-up
+# The training loop: Algorithm 1 epoch by epoch; the run's machinery (checkpoints, resume,
+# progress, signals, other processes) enters through the Run object `rs` (below the banner).
 
-def build_model(cfg, C, counts, in_channels):
-    enc = models.encoder_for(cfg.arch, cfg.depth, in_channels, cfg.width)
-    d = enc.out_dim
-    head = {"ce": lambda: models.LinearHead(d, C), "allnc": lambda: models.LinearHead(d, C, cfg.heads),
-            "allnc++": lambda: models.LinearHead(d, C, cfg.heads), "etf": lambda: models.ETFHead(d, C, cfg.seed),
-            "rbl": lambda: models.RotatedETFHead(d, C, cfg.seed),
-            "ncmc": lambda: models.MultiCenterHead(
-                d, C, models.ncmc_center_counts(counts, cfg.ncmc_f, cfg.ncmc_centers == "aware"),
-                cfg.ncmc_f, cfg.ncmc_theta, cfg.seed)}[cfg.method]()
-    allnc = cfg.method.startswith("allnc")
-    model = models.Net(enc, head, cfg.proj_dim if allnc else 0, cfg.pred_hidden, cfg.proj)
-    if allnc:
-        model.register_buffer("mu_run", torch.zeros(C, cfg.proj_dim if cfg.p2p_space == "z" else d))
-        model.register_buffer("mu_seen", torch.zeros(C, dtype=torch.bool))
-    return model
+class TrainState:
+    """The method's state, what the step functions see besides the model: config, class counts,
+    GRW and class-balanced weights, the Gram target of Eq. 9, GBBN's eta, MaxNorm's cap, the mixup
+    generator, autocast, and `dist`, the sums over processes the losses need under torchrun. (The
+    running class means of L_p(mu~) are model buffers: they are checkpointed with the weights.)"""
 
+    def __init__(self, cfg, data, device, dist=None):
+        self.cfg, self.C, self.counts, self.device = cfg, data.C, data.counts, device
+        self.dist = dist or Dist()
+        self.grw = grw_weights(data.counts, cfg.grw_rho).to(device)
+        self.cb_w = cb_weights(data.counts, cfg.wb_cb_beta).to(device)
+        self.gram = etf_gram(data.C, device)
+        self.eta_t = torch.ones((), device=device)   # eta as the step sees it: a tensor, so that a
+        self.eta = 1.0                               # compiled step is not recompiled every epoch
+        self.maxnorm_cap = None      # allnc++: MaxNorm's cap for the current stage (None: off)
+        self.step = torch.compile(STEPS[cfg.method]) if cfg.compile else STEPS[cfg.method]   # the whole step
+        self.mix_rng = np.random.RandomState(cfg.seed)    # mixup draws; re-seeded at every epoch
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp_mode(cfg, device))
 
-class Data:
-    """Training/test data of one run: counts, and either device tensors or PIL datasets."""
+    @property
+    def eta(self):
+        return self._eta
 
-    def __init__(self, cfg, device, smoke_size=16, smoke_n_max=40):
-        self.info = info = data_lt.DATASETS[cfg.dataset]
-        self.cfg, self.device = cfg, device
-        if info.kind == "folder" and not cfg.smoke:
-            self._init_folder(cfg)
-            return
-        self.C = info.num_classes
-        if cfg.smoke:
-            xtr, ytr, xte, yte, self.counts = smoke_data(cfg, smoke_size, smoke_n_max)
-            check_split_sizes(cfg, self.counts)
-            self.info = info = dataclasses.replace(data_lt.DATASETS["synthetic"], num_classes=self.C, size=smoke_size)
-        else:
-            xtr, ytr = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, True, cfg.download)
-            xte, yte = data_lt.load_tensor_dataset(cfg.dataset, cfg.data_root, False, cfg.download)
-            self.counts = data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type, cfg.n_max)
-            keep = data_lt.long_tail_indices(ytr, self.counts, cfg.lt_subset)
-            xtr, ytr = xtr[keep], ytr[keep]
-        self.in_channels = xtr.shape[1]
-        self.xtr, self.ytr = xtr.to(device), ytr.to(device)
-        self.xte, self.yte = xte.to(device), yte.to(device)
-        if cfg.loader == "pil":
-            self.pil = data_lt.PILViews(xtr, ytr, info, VIEWS[cfg.method], cfg.augment, cfg.randaug,
-                                        cfg.autoaugment, cfg.cutout)
+    @eta.setter
+    def eta(self, value):
+        self._eta = float(value)
+        self.eta_t.fill_(self._eta)
 
-    def _init_folder(self, cfg):
-        info = self.info
-        tr, C = data_lt.folder_samples(cfg.dataset, cfg.data_root, True, cfg.imb, cfg.imb_type,
-                                       cfg.train_list, cfg.test_list, cfg.lt_subset)
-        te, _ = data_lt.folder_samples(cfg.dataset, cfg.data_root, False, cfg.imb, cfg.imb_type,
-                                       cfg.train_list, cfg.test_list)
-        self.C, self.in_channels = C, 3
-        self.counts = torch.bincount(torch.tensor([s[1] for s in tr]), minlength=C).tolist()
-        if min(self.counts) == 0:
-            raise DataError(f"some classes of {cfg.dataset} have no training images; check --data-root / --train-list")
-        check_split_sizes(cfg, self.counts)
-        size = min(info.size, 224)
-        self.pil = data_lt.ListDataset(tr, data_lt.folder_transforms(info, True, size, cfg.randaug), VIEWS[cfg.method])
-        self.test = data_lt.ListDataset(te, data_lt.folder_transforms(info, False, size), 1)
-        self.plain_train = data_lt.ListDataset(tr, data_lt.folder_transforms(info, False, size), 1)
-        self.ntr = len(tr)
-
-    def n_train(self):
-        return len(self.xtr) if hasattr(self, "xtr") else self.ntr
-
-    def train_batches(self, epoch, views, bs=None, start=0):
-        """The epoch's batches from batch `start` on (the same batches as an uninterrupted epoch)."""
-        cfg = self.cfg
-        bs = bs or cfg.batch_size
-        if cfg.loader == "tensor":        # the epoch is augmented from its own seed: a restart replays it
-            return data_lt.tensor_loader(self.xtr, self.ytr, self.info, bs, cfg.seed, epoch, views, cfg.augment,
-                                         cfg.randaug, cfg.autoaugment, cfg.cutout, start, rank=DIST.rank, world=DIST.world)
-        batches = data_lt.epoch_batches(self.n_train(), bs, cfg.seed, epoch)
-        batches = data_lt.rank_batches(batches, DIST.rank, DIST.world)[start:]     # this process's parts
-        return data_lt.pil_loader(self.pil, batches, cfg.workers, cfg.seed, epoch, self.device, DIST.rank)
-
-    def n_plain(self, train):
-        return self.n_train() if train else (len(self.xte) if hasattr(self, "xte") else len(self.test))
-
-    def plain(self, train):
-        """Un-augmented (images, labels) batches of the training or test set; under torchrun this
-        process's rank_part of it."""
-        part = rank_part(self.n_plain(train))
-        if hasattr(self, "xtr"):
-            x, y = (self.xtr, self.ytr) if train else (self.xte, self.yte)
-            x, y = x[part], y[part]
-            for i in range(0, len(x), 1024):
-                yield data_lt.to_float(x[i:i + 1024], self.info.mean, self.info.std), y[i:i + 1024]
-            return
-        ds = self.plain_train if train else self.test
-        ds = torch.utils.data.Subset(ds, range(part.start, part.stop)) if DIST.on else ds
-        dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=self.cfg.workers)
-        for x, y in dl:
-            yield x.to(self.device), y.to(self.device)
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def smoke_data(cfg, size=16, n_max=40):
-    """A generated stand-in for `cfg.dataset` with its classes and LT profile: tiny for SCALE=smoke;
-    the benchmark passes the real n_max so that an epoch has the real number of images."""
-    C = data_lt.DATASETS[cfg.dataset].num_classes
-    counts = [max(2, n) for n in (data_lt.exp_counts(n_max, C, cfg.imb) if cfg.imb_type == "exp"
-                                  else data_lt.pareto_counts(C, n_max, max(2, int(n_max / cfg.imb))))]
-    g = torch.Generator().manual_seed(1234)
-    proto = torch.rand(C, 3, 1, 1, generator=g) * 200 + 20
-    stripe = torch.rand(C, 1, size, size, generator=g) * 60
+def train(cfg, model, data, st, rs):
+    """Algorithm 1: for each epoch T the learning rate and GBBN's eta (Eq. 13), the epoch's steps,
+    test top-1 and the NC metrics; then AllNC++'s stage 2. Returns the final evaluation: the head's
+    top-1 per shot group, the same weights scored as features (decoupled), the NC metrics."""
+    total = cfg.epochs + cfg.wb_stage2_epochs
+    for epoch in range(rs.start, total + 1):
+        stage2 = epoch > cfg.epochs
+        if epoch in (1, cfg.epochs + 1) and not rs.partial:
+            begin_stage(cfg, model, st, rs, stage2)
+        lr = lr_for(cfg, epoch)
+        st.eta = eta_for(cfg, min(epoch, cfg.epochs))         # stage 2 keeps the last eta
+        row = {"epoch": epoch, "stage": 2 if stage2 else 1} | ({"eta": st.eta} if cfg.method.startswith("allnc") else {})
+        row |= train_epoch(model, data, st, rs, epoch, lr, stage2)
+        if epoch == total or epoch % cfg.eval_every == 0:
+            row["test"] = {k: v for k, v in evaluate(model, data, st).items() if k != "per_class"}
+        if epoch == total or (cfg.nc_every and epoch % cfg.nc_every == 0):
+            row["nc"] = train_nc_metrics(model, data, st)
+        rs.end_epoch(row, model, last=epoch == total)   # best weights, progress line, checkpoint, agreed stop
+    final = evaluate(model, data, st)
+    final["decoupled"] = decoupled_scores(model, data, st, final)
+    final["nc"] = train_nc_metrics(model, data, st, icpa=True)
+    return final
 
-    def make(ns, seed):
-        gg = torch.Generator().manual_seed(seed)
-        y = torch.cat([torch.full((n,), c) for c, n in enumerate(ns)])
-        x = proto[y] + stripe[y] + torch.randn(len(y), 3, size, size, generator=gg) * 25
-        return x.clamp(0, 255).to(torch.uint8), y
 
-    xtr, ytr = make(counts, 1)
-    xte, yte = make([5] * C, 2)
-    return xtr, ytr, xte, yte, counts
+def begin_stage(cfg, model, st, rs, stage2):
+    """AllNC++: stage 2 trains the classifier alone with its own optimizer; MaxNorm's cap is taken
+    from the row norms at the start of the stage (stage 1 too with --maxnorm-stage1)."""
+    if stage2:
+        rs.opt = make_optimizer(model, cfg, stage2=True)
+    if cfg.method == "allnc++" and (stage2 or cfg.maxnorm_stage1):
+        st.maxnorm_cap = maxnorm_cap(model.head.fc.weight, cfg.maxnorm, cfg.maxnorm_mode)
+
+
+def train_epoch(model, data, st, rs, epoch, lr, stage2=False):
+    """One epoch's steps: the step's losses, backward, SGD, MaxNorm (AllNC++). Returns the epoch's
+    mean loss terms, lr and images/s; the terms stay on the device until the epoch's end."""
+    cfg = st.cfg
+    views = 1 if stage2 else VIEWS[cfg.method]
+    step_fn = step_stage2 if stage2 else st.step
+    for g in rs.opt.param_groups:
+        g["lr"] = lr
+    st.mix_rng = np.random.RandomState((cfg.seed * 100003 + epoch) % 2**32)
+    sums = rs.epoch_sums(epoch, st)          # a resumed epoch continues from its partial sums
+    for i, (xs, y) in enumerate(data.train_batches(epoch, views, start=sums.step), start=sums.step):
+        with st.autocast():
+            loss, terms = rs.forward(step_fn, model, xs, y, st, stage2)     # DDP around it under torchrun
+        rs.backward(loss)
+        if st.maxnorm_cap is not None and cfg.maxnorm_every == "step":
+            max_norm_(model.head.fc.weight, st.maxnorm_cap)
+        sums.add(i, loss, terms, len(y) * views)
+        rs.between_steps(epoch, sums)         # progress; a pending signal: checkpoint here and stop
+    means = sums.means(epoch, data.n_train(), cfg.batch_size)       # one sync; non-finite terms stop
+    if st.maxnorm_cap is not None and cfg.maxnorm_every == "epoch":
+        max_norm_(model.head.fc.weight, st.maxnorm_cap)          # once, after the epoch's steps
+    dt = sums.elapsed()
+    return means | {"lr": lr, "img_per_s": sums.imgs / dt, "time": dt}
 
 # ==============================================================================================
 # Evaluation and neural-collapse metrics
@@ -757,8 +656,8 @@ def evaluate(model, data, st, scores=None):
         pred = (scores(x) if scores else eval_logits(model, x, st)).argmax(1)
         total.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         correct.index_add_(0, y, (pred == y).double())
-    reduce_(correct)
-    reduce_(total)
+    st.dist.reduce_(correct)
+    st.dist.reduce_(total)
     model.train()
     acc = (correct / total.clamp(min=1)).cpu()
     out = {"top1": 100 * correct.sum().item() / max(total.sum().item(), 1)}
@@ -776,7 +675,7 @@ LA_NOT_APPLICABLE = {"etf": "a fixed ETF trained with the balancing Ew factor",
 
 
 @torch.no_grad()
-def train_class_means(model, data):
+def train_class_means(model, data, dist):
     """Class means of phi(x) over the un-augmented training set (summed over processes)."""
     model.eval()
     sums, cnt = None, torch.zeros(data.C, dtype=torch.float64, device=data.device)
@@ -786,7 +685,7 @@ def train_class_means(model, data):
         sums.index_add_(0, y, f)
         cnt.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
     model.train()
-    return (reduce_(sums) / reduce_(cnt).clamp(min=1)[:, None]).float()
+    return (dist.reduce_(sums) / dist.reduce_(cnt).clamp(min=1)[:, None]).float()
 
 
 def decoupled_scores(model, data, st, head):
@@ -799,7 +698,7 @@ def decoupled_scores(model, data, st, head):
     no_la = LA_NOT_APPLICABLE.get(cfg.method) if cfg.method != "allnc++" or cfg.wb_stage2_epochs else None
     la = None if no_la else groups(evaluate(model, data, st, lambda x: logit_adjust(eval_logits(model, x, st),
                                                                                     st.counts, 1.0)))
-    means = F.normalize(train_class_means(model, data), dim=1)
+    means = F.normalize(train_class_means(model, data, st.dist), dim=1)
     ncm = evaluate(model, data, st, lambda x: F.normalize(model(x)[0].float(), dim=1) @ means.t())
     return {"head": groups(head), "logit_adjusted": la, "ncm": groups(ncm)} | ({"la_not_applicable": no_la} if no_la else {})
 
@@ -875,214 +774,356 @@ def train_nc_metrics(model, data, st, icpa=False):
     model.train()
     head = model.head
     n = data.n_plain(train=True)            # under torchrun: every process's part, in order
-    return nc_metrics(gather_parts(torch.cat(hs), n), gather_parts(torch.cat(ys), n),
+    return nc_metrics(st.dist.gather(torch.cat(hs), n), st.dist.gather(torch.cat(ys), n),
                       head.classifier_weight().float(), head.classifier_bias(), icpa=icpa)
 
+
+# ##############################################################################################
+# Everything below is machinery, not the method: validation rules, the run's state and results
+# on disk (atomic writes, checkpoints, locks, resume), signals, torchrun, the run itself,
+# tables, figures, the stress check, the benchmark and the command line.
+# ##############################################################################################
+
 # ==============================================================================================
-# Training
+# Validation: every flag is checked before any work starts (bad input: one line, exit code 2)
 
-class TrainState:
-    """What the step functions need besides the model: config, class counts, eta, autocast."""
+def feature_dim(cfg):
+    return 4 * cfg.width if cfg.arch == "resnet_cifar" else 2048
 
-    def __init__(self, cfg, data, device):
-        self.cfg, self.C, self.counts, self.device = cfg, data.C, data.counts, device
-        self.grw = grw_weights(data.counts, cfg.grw_rho).to(device)
-        self.cb_w = cb_weights(data.counts, cfg.wb_cb_beta).to(device)
-        self.gram = etf_gram(data.C, device)
-        self.eta_t = torch.ones((), device=device)   # eta as the step sees it: a tensor, so that a
-        self.eta = 1.0                               # compiled step is not recompiled every epoch
-        self.maxnorm_cap = None      # allnc++: MaxNorm's cap for the current stage (None: off)
-        self.step = STEPS[cfg.method]
-        self.progress = None         # a Progress when the run prints
+
+ICPA_JSON_MAX = 100      # classes up to which the ICPA matrices stay inside the result JSON
+
+
+# Fields that do not change what a run computes; left out of the run name's hash.
+NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "nc_every", "dist_backend",
+                "data_root", "download", "train_list", "test_list"}
+
+
+# Fields added after results existed: left out of the hash at their default, so old names still match.
+HASHED_ONLY_IF_SET = {"n_max"}
+
+
+# Valid values of every numeric field: (test, what the value must be). Checked by resolve()
+# before any work starts; bad input gets one line naming the flag and the valid range.
+_pos, _nonneg = (lambda v: v >= 1, "a positive integer"), (lambda v: v >= 0, ">= 0")
+RULES = {
+    "imb": (lambda v: v >= 1, ">= 1 (the imbalance factor N_max/N_min; 1 = balanced)"),
+    "seed": (lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)"),
+    "epochs": _pos, "batch_size": _pos, "width": _pos, "proj_dim": _pos, "pred_hidden": _pos, "eval_every": _pos,
+    "lr": (lambda v: v > 0, "> 0"), "wd": _nonneg, "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "warmup": _nonneg, "warmup_start": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lr_step_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "depth": (lambda v: v >= 8 and (v - 2) % 6 == 0, "6n+2: 8, 20, 32, 44 or 56"),
+    "gamma": (lambda v: v > 0, "> 0"), "alpha": _nonneg, "grw_rho": _nonneg,
+    "mean_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "maxnorm": (lambda v: v > 0, "> 0"), "wb_stage2_epochs": _nonneg, "wb_stage2_lr": (lambda v: v > 0, "> 0"),
+    "wb_stage2_wd": _nonneg, "wb_cb_beta": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "rbl_tau": _nonneg, "ncmc_f": (lambda v: v >= 2, ">= 2"),
+    "ncmc_theta": (lambda v: 0 < v < math.pi / 2, "in (0, pi/2)"),
+    "mixup": _nonneg, "cutout": _nonneg, "workers": _nonneg, "nc_every": _nonneg,
+}
+
+
+# Fields that act only for some methods: given explicitly to another method, the run would
+# silently differ from its name (the hash takes every field), so resolve() refuses them.
+_ALLNC_ONLY = ("gamma", "alpha", "grw_rho", "grw_reduction", "mean_momentum", "p2p_space", "p2p_w", "no_hycon",
+               "no_p2p", "no_gbbn", "fixed_gamma", "heads", "proj", "proj_dim", "pred_hidden")
+_STAGE2_ONLY = ("maxnorm", "maxnorm_mode", "maxnorm_every", "maxnorm_stage1", "wb_stage2_epochs", "wb_stage2_lr",
+                "wb_stage2_wd", "wb_cb_beta")
+METHOD_ONLY = {**{k: ("allnc", "allnc++") for k in _ALLNC_ONLY}, **{k: ("allnc++",) for k in _STAGE2_ONLY},
+               "etf_balance": ("etf",), "rbl_tau": ("rbl",),
+               **{k: ("ncmc",) for k in ("ncmc_f", "ncmc_theta", "ncmc_centers")},
+               "mixup": ("ce", "etf", "rbl", "ncmc")}
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_writable_dir(path):
+    """The --out directory exists or can be made, and is writable; leaves nothing behind."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise DataError(f"--out {path}: {p} is a file, not a directory; choose another --out")
+    try:
+        for d in reversed(made):
+            os.mkdir(d)
+        probe = os.path.join(os.path.abspath(path), f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"--out {path} cannot be created or written ({e.strerror}); choose a writable directory") from None
+    finally:
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+
+
+def apply_recipe(cfg, explicit=()):
+    """--recipe own: the method's RECIPES overrides, except fields the user set explicitly."""
+    if cfg.recipe != "own":
+        return cfg
+    if cfg.method not in RECIPES:
+        raise DataError(f"--recipe own: {cfg.method} has no published recipe besides AllNC's; use --recipe allnc")
+    for k, v in RECIPES[cfg.method].items():
+        if k not in explicit:
+            setattr(cfg, k, v.get(cfg.dataset, v.get("*")) if isinstance(v, dict) else v)
+    return cfg
+
+
+def resolve(cfg, explicit=()):
+    """Apply --recipe, fill dataset-dependent defaults (paper V-B) and validate every field; raises
+    DataError on bad input. explicit: the fields the user set on the command line (they beat a recipe)."""
+    apply_recipe(cfg, explicit)
+    for f in dataclasses.fields(cfg):          # numbers first: finite, then in range
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise DataError(f"{flag(f.name)} {v} is not a finite number")
+    if cfg.imb < 1:
+        raise DataError(f"--imb {cfg.imb:g} is below 1; the imbalance factor is N_max/N_min, use 1 for balanced data")
+    info = data_lt.DATASETS[cfg.dataset]
+    big = info.kind == "folder"
+    for k, v in (DATASET_DEFAULTS[cfg.dataset] | {"grw_rho": grw_rho_default(cfg.dataset, cfg.imb)}).items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    for k, (ok, what) in RULES.items():
+        if not ok(getattr(cfg, k)):
+            raise DataError(f"{flag(k)} {getattr(cfg, k)!r} is invalid: it must be {what}")
+    if cfg.n_max is not None and not (info.kind == "tensor" and 1 <= cfg.n_max <= info.n_max):
+        raise DataError(f"--n-max {cfg.n_max} is invalid for {cfg.dataset}: " + (
+            f"give 1 to {info.n_max} (its largest class)" if info.kind == "tensor" else
+            "it applies to cifar10, cifar100, fmnist and synthetic; ImageFolder data keep their split"))
+    if cfg.arch not in ("resnet_cifar", "resnext50", "resnet50"):
+        raise DataError(f"--arch {cfg.arch!r} unknown; use resnet_cifar, resnext50 or resnet50")
+    C = info.num_classes
+    for k in sorted(set(explicit) & set(METHOD_ONLY)):
+        if cfg.method not in METHOD_ONLY[k]:
+            raise DataError(f"{flag(k)} applies to {' and '.join(METHOD_ONLY[k])}, not to --method {cfg.method} "
+                            f"(the run would be the same without it, under another name); drop it")
+    if info.kind == "tensor" and not cfg.smoke:
+        data_lt.check_split_sizes(cfg, data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type, cfg.n_max))
+    if cfg.method == "etf" and feature_dim(cfg) < C - 1:
+        raise DataError(f"etf on {cfg.dataset} needs a feature dimension >= {C - 1} for {C} ETF vertices; "
+                        f"--width {cfg.width} gives {feature_dim(cfg)}: use --width {math.ceil((C - 1) / 4)} or more "
+                        f"(the ETF code's CIFAR-100 ResNet-32 has width 32)")
+    if cfg.mixup > 0 and cfg.method.startswith("allnc"):
+        raise DataError("--mixup applies to ce, etf, rbl and ncmc (AllNC trains on two views); drop it")
+    try:
+        parse_steps(cfg.lr_steps)
+    except ValueError:
+        raise DataError(f"--lr-steps {cfg.lr_steps!r}: give comma-separated epochs, e.g. 160,180") from None
+    if cfg.loader == "auto":
+        cfg.loader = "pil" if big else "tensor"
+    if big and cfg.loader == "tensor":
+        raise DataError(f"{cfg.dataset} is an ImageFolder dataset; use --loader pil")
+    try:
+        dev = torch.device("cpu" if cfg.device == "auto" else cfg.device)
+    except RuntimeError:
+        raise DataError(f"--device {cfg.device!r} unknown; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {cfg.device} but no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DataError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if cfg.nesterov and cfg.momentum == 0:
+        raise DataError("--nesterov needs --momentum > 0")
+    if cfg.method == "ncmc" and C > 100:
+        raise DataError(f"ncmc's frame needs f x C = {cfg.ncmc_f * C} dimensions for {C} classes; it is "
+                        f"implemented for up to 100 classes (CIFAR-100)")
+    if cfg.name is not None and (not cfg.name.strip() or os.sep in cfg.name or cfg.name.startswith(".")):
+        raise DataError(f"--name {cfg.name!r} must be a plain file name (no '{os.sep}', not starting with '.')")
+    if os.path.exists(cfg.data_root) and not os.path.isdir(cfg.data_root):
+        raise DataError(f"--data-root {cfg.data_root} is a file; give the directory that holds the dataset")
+    for k in ("train_list", "test_list"):
+        if getattr(cfg, k) is not None and not os.path.isfile(getattr(cfg, k)):
+            raise DataError(f"{flag(k)} {getattr(cfg, k)} does not exist; give the split list file or leave it out")
+    check_writable_dir(cfg.out)
+    if cfg.method != "allnc++":
+        cfg.wb_stage2_epochs = 0
+    return cfg
+
+
+def run_name(cfg):
+    if cfg.name:
+        return cfg.name
+    ident = {k: v for k, v in dataclasses.asdict(cfg).items()
+             if k not in NOT_IDENTITY and not (k in HASHED_ONLY_IF_SET and v is None)}
+    h = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:6]
+    abl = "".join(f"-{k.replace('_', '')}" for k in ("no_hycon", "no_p2p", "no_gbbn", "fixed_gamma") if ident[k])
+    return (f"{cfg.dataset}-imb{cfg.imb:g}-{cfg.method}{abl}-g{cfg.gamma:g}-a{cfg.alpha:g}-e{cfg.epochs}"
+            f"-s{cfg.seed}{'-smoke' if cfg.smoke else ''}-{h}")
+
+# ==============================================================================================
+# The run's state beside the method's: optimizer, log, resume point, best weights, checkpoints,
+# progress, GradScaler, DDP; and an epoch's loss sums
+
+def amp_mode(cfg, device):
+    return cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+
+
+class Run:
+    """What one run keeps besides the method, and the helpers through which the training loop
+    resumes, checkpoints, reports and agrees with the other processes. Without name/out (tests,
+    the benchmark) it writes nothing."""
+
+    def __init__(self, cfg, model, st, dist=None, say=None, ck_path=None):
+        self.cfg, self.dist, self.ck_path = cfg, dist or Dist(), ck_path
+        self.say = say or (lambda *a: None)
+        self.opt = make_optimizer(model, cfg)
+        fp16 = amp_mode(cfg, st.device) == "fp16" and st.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.log, self.start, self.partial = [], 1, None      # partial: a preempted epoch's sums and step
         self.best_model = None       # a CPU copy of the best test epoch's weights (checkpointed with the run)
         self.ddp, self.ddp_stage = None, None   # under torchrun: DDP around the step, for this stage
-        if cfg.compile:              # the whole step: model, heads and losses (fixed shapes, no syncs)
-            self.step = torch.compile(self.step)
-        self.mix_rng = np.random.RandomState(cfg.seed)    # mixup draws; re-seeded at every epoch
-        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
+        self.progress, self.steps, self.model, self.st = None, None, model, st
 
-    @property
-    def eta(self):
-        return self._eta
+    def resume(self, name):
+        """From this run's checkpoint, or (AllNC++) from the finished AllNC run that is its stage 1."""
+        cfg, model, st, dist = self.cfg, self.model, self.st, self.dist
+        mine = dist.main and not cfg.force and os.path.exists(self.ck_path)
+        ck = dist.broadcast(load_checkpoint(self.ck_path, cfg) if mine else None)   # every process: rank 0's
+        if ck:
+            self.partial = partial = ck.get("partial")
+            model.load_state_dict(ck["model"])
+            if (partial["epoch"] if partial else ck["epoch"]) > cfg.epochs:      # the saved optimizer is stage 2's
+                self.opt = make_optimizer(model, cfg, stage2=True)
+            self.opt.load_state_dict(ck["opt"])
+            if self.scaler and ck.get("scaler"):
+                self.scaler.load_state_dict(ck["scaler"])
+            self.log, self.start = ck["log"], ck["epoch"] + 1
+            st.maxnorm_cap = ck.get("maxnorm_cap")
+            self.best_model = ck.get("best_model")
+            self.say(f"resuming {name} from epoch {ck['epoch']}" + (
+                f", step {partial['step']} of epoch {partial['epoch']}" if partial else ""))
+        elif cfg.method == "allnc++" and not cfg.force:       # stage 1 = the AllNC run: continue from it if done
+            s1 = dist.broadcast(load_stage1(cfg, self.say) if dist.main else None)
+            if s1:
+                model.load_state_dict(s1["model"])
+                self.log, self.start, self.best_model = s1["log"], cfg.epochs + 1, s1["best_model"]
+                self.say(f"stage 1 of {name} is the finished AllNC run {s1['name']}: continuing from its weights "
+                         f"at stage 2")
 
-    @eta.setter
-    def eta(self, value):
-        self._eta = float(value)
-        self.eta_t.fill_(self._eta)
+    def epoch_sums(self, epoch, st):
+        """The epoch's running loss sums: new, or a preempted epoch's (its mixup generator too)."""
+        partial, self.partial = self.partial, None
+        if partial:
+            st.mix_rng.set_state(partial["mix_state"])
+        return EpochSums(st.device, self.dist, partial)
 
-    def autocast(self):
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+    def forward(self, step_fn, model, xs, y, st, stage2):
+        """The step; under torchrun inside DDP (a new wrapper per stage: other parameters take part)."""
+        if not self.dist.on:
+            return step_fn(model, xs, y, st)
+        if self.ddp_stage != stage2:
+            self.ddp, self.ddp_stage = replicate(model, st.device), stage2
+        return self.ddp(step_fn, xs, y, st)
 
-
-def lr_at(epoch, epochs, base, warmup=0, schedule="cosine", steps=(), step_factor=0.1, warmup_start=0.0):
-    """Learning rate of 0-based `epoch`, set once per epoch.
-    warm-up (e < W): base (s + (1 - s)(e + 1) / W), s = warmup_start (0: LDAM/ETF/PaCo; 0.5: RBL).
-    cosine, no warm-up: GLMC's CIFAR CosineAnnealingLR(T_max=E): base (1 + cos(pi e / E)) / 2;
-    cosine after a warm-up: PaCo's adjust_learning_rate, base (1 + cos(pi (e - W + 1) / (E - W + 1))) / 2;
-    cosine-rbl: RBL's run/utils.py, the same with E - W in the denominator;
-    step: LDAM-DRW / ETF, base * step_factor^(number of milestones <= e)."""
-    if epoch < warmup:
-        return base * (warmup_start + (1 - warmup_start) * (epoch + 1) / warmup)
-    if schedule == "step":
-        return base * step_factor ** sum(epoch >= s for s in steps)
-    if warmup == 0:
-        return base * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-    end = epochs - warmup + (1 if schedule == "cosine" else 0)
-    return base * 0.5 * (1 + math.cos(math.pi * (epoch - warmup + 1) / end))
-
-
-def parse_steps(text):
-    """'160,180' -> (160, 180): the 0-based epochs from which the step schedule decays."""
-    return tuple(int(s) for s in str(text).split(",") if s.strip())
-
-
-def warmup_epochs(cfg):
-    """--warmup, cut to a fifth of the run for short runs (10 warm-up epochs of a 90-epoch
-    ImageNet-LT run stay 10; a 10-epoch test run warms up for 2)."""
-    return min(cfg.warmup, cfg.epochs // 5)
-
-
-def maxnorm_cap(W, thresh, mode="relative"):
-    """MaxNorm's cap on classifier row norms. relative (weight balancing's regularizers.py):
-    min + thresh (max - min) of the current row norms, fixed for the stage; absolute: thresh."""
-    if mode == "absolute":
-        return float(thresh)
-    n = W.detach().norm(dim=1)
-    return (n.min() + thresh * (n.max() - n.min())).item()
-
-
-def max_norm_(W, cap):
-    """MaxNorm's projection (PGD): rows longer than cap are scaled to it; the bias is exempt."""
-    with torch.no_grad():
-        W.mul_((cap / W.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
-
-
-def eta_for(cfg, epoch):
-    if cfg.no_gbbn:
-        return 0.0
-    if cfg.fixed_gamma:
-        return bbn_eta(epoch, cfg.epochs)
-    return gbbn_eta(epoch, cfg.epochs, cfg.gamma)
-
-
-class NonFinite(Exception):
-    pass
-
-
-class Preempted(Exception):
-    """SIGTERM/SIGINT arrived: the epoch stopped after a step; args[0] is the state to resume it."""
-
-
-STOP = {"signal": None}        # set by the signal handler; read between steps (a Python flag, no sync)
-
-
-def train_epoch(model, opt, data, st, epoch, stage_epoch, stage_epochs, stage2=False, resume=None):
-    """One epoch (stage_epoch is 1-based within its stage); returns the epoch's mean loss terms
-    and images/s. Loss terms stay on the device; they are read once, at the end of the epoch.
-    A pending signal stops it after the current step (Preempted carries the partial state);
-    resume = that state continues the epoch exactly where it stopped."""
-    cfg = st.cfg
-    views = 1 if stage2 else VIEWS[cfg.method]
-    step_fn = step_stage2 if stage2 else st.step
-    base_lr = cfg.wb_stage2_lr if stage2 else cfg.lr
-    warm = 0 if stage2 else warmup_epochs(cfg)
-    lr = lr_at(stage_epoch - 1, stage_epochs, base_lr, warm, *(("cosine",) if stage2 else
-               (cfg.lr_schedule, parse_steps(cfg.lr_steps), cfg.lr_step_factor, cfg.warmup_start)))
-    st.mix_rng = np.random.RandomState((cfg.seed * 100003 + epoch) % 2**32)
-    for g in opt.param_groups:
-        g["lr"] = lr
-    sums, first_bad, n, imgs, keys, start, spent = None, None, 0, 0, None, 0, 0.0
-    if resume:
-        sums, first_bad, n, imgs, keys = (resume[k] for k in ("sums", "first_bad", "n", "imgs", "keys"))
-        sums, first_bad = sums.to(st.device), first_bad.to(st.device)     # the checkpoint loads on the CPU
-        start, spent = resume["step"], resume["time"]
-        st.mix_rng.set_state(resume["mix_state"])
-    t0 = time.time() - spent
-    batches = data.train_batches(epoch, views, start=start)
-    for i, (xs, y) in enumerate(batches, start=start):
-        with st.autocast():
-            loss, terms = st.ddp(step_fn, xs, y, st) if st.ddp else step_fn(model, xs, y, st)
-        opt.zero_grad(set_to_none=True)
-        if st.scaler:
-            st.scaler.scale(loss).backward()
-            st.scaler.step(opt)
-            st.scaler.update()
+    def backward(self, loss):
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
         else:
             loss.backward()
-            opt.step()
-        if st.maxnorm_cap is not None and cfg.maxnorm_every == "step":
-            max_norm_(model.head.fc.weight, st.maxnorm_cap)
+            self.opt.step()
+
+    def between_steps(self, epoch, sums):
+        if self.progress is not None:
+            self.progress(epoch, sums.step, sums.imgs, sums.elapsed())
+        if self.dist.stop_requested(sums.step):
+            state = sums.partial_state(epoch, self.st.mix_rng)
+            if self.dist.main and self.ck_path:
+                self.save_checkpoint(epoch - 1, state)
+            stop(f"at epoch {epoch}, step {sums.step} of {self.steps}", self.ck_path)
+
+    def end_epoch(self, row, model, last):
+        """Log the epoch, keep the best test epoch's weights, print its line, checkpoint, and stop
+        here if a signal is pending (agreed by every process)."""
+        prev = best_epoch(self.log)
+        self.log.append(row)
+        if self.dist.main and "test" in row and (prev is None or row["test"]["top1"] > prev["top1"]):  # best so far
+            self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if self.progress:
+            self.progress.clear()
+        self.say(progress_line(row, self.cfg.epochs + self.cfg.wb_stage2_epochs))
+        if self.dist.main and self.ck_path:
+            self.save_checkpoint(row["epoch"])
+        if not last and self.dist.stop_requested():
+            stop(f"after epoch {row['epoch']}", self.ck_path)
+
+    def save_checkpoint(self, epoch, partial=None):
+        ck = {"config": dataclasses.asdict(self.cfg), "epoch": epoch, "log": self.log, "model": self.model.state_dict(),
+              "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+              "maxnorm_cap": self.st.maxnorm_cap, "partial": partial, "best_model": self.best_model}
+        atomic_write(self.ck_path, lambda f: f.write(torch_bytes(ck)))
+
+
+class EpochSums:
+    """An epoch's loss terms summed on the device (read once, at the epoch's end), the images seen,
+    and the first step at which each term went non-finite (-1: none); partial: a preempted epoch's."""
+
+    def __init__(self, device, dist, partial=None):
+        self.dist, self.sums, self.first_bad, self.keys = dist, None, None, None
+        self.n = self.imgs = self.step = 0
+        spent = 0.0
+        if partial:
+            self.sums, self.first_bad = partial["sums"].to(device), partial["first_bad"].to(device)  # saved on the CPU
+            self.n, self.imgs, self.keys, self.step, spent = (partial[k] for k in ("n", "imgs", "keys", "step", "time"))
+        self.t0 = time.time() - spent
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+    def add(self, i, loss, terms, images):
         vec = torch.stack([loss.detach().float()] + [v.detach().float() for v in terms.values()])
         bad = ~torch.isfinite(vec)
-        if sums is None:
-            keys = ["loss"] + list(terms)
-            sums, first_bad = torch.zeros_like(vec), torch.full_like(vec, -1)
-        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(vec, float(i)), first_bad)
-        sums += torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)
-        n += 1
-        imgs += len(y) * views * DIST.world
-        if st.progress is not None:
-            st.progress(epoch, i + 1, imgs, time.time() - t0)
-        if stop_requested(i + 1):
-            sums, first_bad = across_processes(sums, first_bad)
-            raise Preempted({"epoch": epoch, "step": i + 1, "sums": sums, "first_bad": first_bad, "n": n,
-                             "imgs": imgs, "keys": keys, "mix_state": st.mix_rng.get_state(),
-                             "time": time.time() - t0})
-    if n == 0:
-        raise DataError(f"the training set ({data.n_train()} images) is smaller than one batch "
-                        f"({cfg.batch_size}); lower --batch-size")
-    sums, first_bad = across_processes(sums, first_bad)
-    if (first_bad >= 0).any():      # one sync per epoch
-        fb = first_bad.tolist()
-        step = min(s for s in fb if s >= 0)
-        # name the first term that went bad at that step; the total only if no term did
-        term = next((keys[j] for j in range(1, len(fb)) if fb[j] == step), "loss")
-        raise NonFinite(f"loss term '{term}' became non-finite at epoch {epoch} (step {int(step)}); "
-                        f"no result written; try a lower --lr or --amp off")
-    if st.maxnorm_cap is not None and cfg.maxnorm_every == "epoch":
-        max_norm_(model.head.fc.weight, st.maxnorm_cap)          # once, after the epoch's steps
-    dt = time.time() - t0
-    return {k: v / n for k, v in zip(keys, sums.tolist())} | {"lr": lr, "img_per_s": imgs / dt, "time": dt}, n
+        if self.sums is None:
+            self.keys = ["loss"] + list(terms)
+            self.sums, self.first_bad = torch.zeros_like(vec), torch.full_like(vec, -1)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(vec, float(i)), self.first_bad)
+        self.sums += torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)
+        self.n, self.step = self.n + 1, i + 1
+        self.imgs += images * self.dist.world
 
+    def across_processes(self):
+        """The loss sums as one process would have them: each process holds its part's mean of
+        every global batch, so the global means are the average over processes; and the first step
+        at which any process saw a non-finite term."""
+        if not self.dist.on:
+            return
+        never = torch.full_like(self.first_bad, float("inf"))
+        first = self.dist.reduce_(torch.where(self.first_bad < 0, never, self.first_bad), "min")
+        self.sums = self.dist.reduce_(self.sums.clone()) / self.dist.world
+        self.first_bad = torch.where(torch.isinf(first), torch.full_like(first, -1), first)
 
-def across_processes(sums, first_bad):
-    """The epoch's loss sums as one process would have them: each process holds its part's mean of
-    every global batch, so the global means are the average over processes; and the first step at
-    which any process saw a non-finite term (-1: none)."""
-    if not DIST.on:
-        return sums, first_bad
-    never = torch.full_like(first_bad, float("inf"))
-    first = reduce_(torch.where(first_bad < 0, never, first_bad), "min")
-    return reduce_(sums.clone()) / DIST.world, torch.where(torch.isinf(first), torch.full_like(first, -1), first)
+    def partial_state(self, epoch, mix_rng):
+        self.across_processes()
+        return {"epoch": epoch, "step": self.step, "sums": self.sums, "first_bad": self.first_bad, "n": self.n,
+                "imgs": self.imgs, "keys": self.keys, "mix_state": mix_rng.get_state(), "time": self.elapsed()}
 
-
-def step_stage2(model, views, y, st):
-    """AllNC++ stage 2 (weight balancing's demo 2): classifier only, frozen encoder (BN too),
-    class-balanced loss."""
-    model.encoder.eval()
-    with torch.no_grad():
-        feat = model.encoder(views[0]).float()
-    with torch.autocast(feat.device.type, enabled=False):
-        logits, _ = model.head(feat)
-    loss = cb_loss(logits, y, st.counts, st.cfg.wb_cb_beta, st.cb_w)
-    return loss, {"cb": loss}
-
-
-def make_optimizer(model, cfg, stage2=False):
-    if stage2:
-        params, lr, wd = model.head.parameters(), cfg.wb_stage2_lr, cfg.wb_stage2_wd
-    else:
-        params, lr, wd = model.parameters(), cfg.lr, cfg.wd
-    cuda = next(model.parameters()).is_cuda
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov and not stage2,
-                           fused=cuda or None)     # fused on CUDA: one kernel, and no GradScaler sync
+    def means(self, epoch, n_train, batch_size):
+        """The epoch's mean loss terms (one sync); NonFinite names the first term that went bad."""
+        if self.n == 0:
+            raise DataError(f"the training set ({n_train} images) is smaller than one batch ({batch_size}); "
+                            f"lower --batch-size")
+        self.across_processes()
+        if (self.first_bad >= 0).any():      # one sync per epoch
+            fb = self.first_bad.tolist()
+            step = min(s for s in fb if s >= 0)
+            # name the first term that went bad at that step; the total only if no term did
+            term = next((self.keys[j] for j in range(1, len(fb)) if fb[j] == step), "loss")
+            raise NonFinite(f"loss term '{term}' became non-finite at epoch {epoch} (step {int(step)}); "
+                            f"no result written; try a lower --lr or --amp off")
+        return {k: v / self.n for k, v in zip(self.keys, self.sums.tolist())}
 
 # ==============================================================================================
-# Results on disk: atomic JSON and checkpoints, resume
+# Results on disk: atomic JSON and checkpoints
 
 class WriteError(Exception):
     """Saving failed (disk full, I/O error); what was on disk before is intact."""
@@ -1148,9 +1189,34 @@ def load_checkpoint(path, cfg):
         return None
 
 # ==============================================================================================
+# Signals: SIGTERM / SIGINT stop the run after a step, with a checkpoint
+
+class NonFinite(Exception):
+    pass
+
+
+STOP = {"signal": None}        # set by the signal handler; read between steps (a Python flag, no sync)
+
+
+class Interrupted(Exception):
+    """The run stopped on SIGTERM/SIGINT after writing a checkpoint; args: (message, exit code)."""
+
+
+def on_signal(signum, frame):
+    """First SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second one: default action."""
+    STOP["signal"] = signum
+    signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+
+def stop(where, ck_path):
+    sig = STOP["signal"]
+    raise Interrupted(f"stopped by {signal.Signals(sig).name} {where}; checkpoint written to {ck_path}; "
+                      f"run the same command to resume", 128 + sig)
+
+# ==============================================================================================
 # Several processes (torchrun): one run on N processes with the numbers of one process. The global
 # batch is split evenly in rank order; the step functions do not know how many processes there are:
-# global_sum() gives them the global batch's class sums and counts, and everything else lives here,
+# Dist.sum() gives the losses the global batch's class sums and counts, and everything else lives here,
 # at the edges (which rows a process trains on, gradient averaging, who writes).
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -1159,7 +1225,10 @@ STOP_CHECK_EVERY = 20      # steps between the processes' agreement on a pending
 
 @dataclass
 class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun) and the collectives the
+    run needs. Created once, by setup_distributed(), and passed down: to the losses as `dist` (sums
+    over the global batch), to the data (this process's share), to the loop (who writes, the stop
+    agreement). With one process every method returns its input."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -1174,65 +1243,60 @@ class Dist:
     def main(self):
         return self.rank == 0
 
+    def sum(self, t):
+        """t summed over the processes, differentiable: each process's part gets the gradient of the
+        global result (one process: t itself)."""
+        return models.all_reduce_sum(t) if self.on else t
 
-DIST = Dist()                  # replaced by setup_distributed() under torchrun
-
-
-def global_sum(t):
-    """t summed over the processes, differentiable: each process's part gets the gradient of the
-    global result (one process: t itself)."""
-    return models.all_reduce_sum(t) if DIST.on else t
-
-
-def reduce_(t, op="sum"):
-    """In place, without gradient: t summed (or min, max) over the processes."""
-    if DIST.on:
-        torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
-    return t
-
-
-def rank_part(n):
-    """This process's share of n items split evenly in rank order."""
-    return slice(n * DIST.rank // DIST.world, n * (DIST.rank + 1) // DIST.world)
-
-
-def gather_parts(t, n):
-    """t holds this process's rank_part(n) rows; returns all n rows in order, on every process."""
-    if not DIST.on:
+    def reduce_(self, t, op="sum"):
+        """In place, without gradient: t summed (or min, max) over the processes."""
+        if self.on:
+            torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
         return t
-    sizes = [n * (r + 1) // DIST.world - n * r // DIST.world for r in range(DIST.world)]
-    buf = t.new_zeros((max(sizes),) + t.shape[1:])
-    buf[:len(t)] = t
-    parts = [torch.empty_like(buf) for _ in range(DIST.world)]
-    torch.distributed.all_gather(parts, buf)
-    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
+    def part(self, n):
+        """This process's share of n items split evenly in rank order."""
+        return data_lt.rank_part(n, self.rank, self.world)
 
-def broadcast(obj):
-    """Rank 0's obj (a checkpoint, a decision) on every process."""
-    if not DIST.on:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0, group=DIST.cpu_group)
-    return box[0]
+    def gather(self, t, n):
+        """t holds this process's part(n) rows; returns all n rows in order, on every process."""
+        if not self.on:
+            return t
+        sizes = [n * (r + 1) // self.world - n * r // self.world for r in range(self.world)]
+        buf = t.new_zeros((max(sizes),) + t.shape[1:])
+        buf[:len(t)] = t
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, buf)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
+    def gather_batch(self, t):
+        """This process's share of a global batch (equal shares) -> the whole global batch."""
+        return self.gather(t, len(t) * self.world)
 
-def stop_requested(step=None):
-    """A stop signal is pending. Under torchrun the processes agree every STOP_CHECK_EVERY steps and
-    at the end of each epoch (host-side, no device sync), so that all stop after the same step."""
-    if not DIST.on:
-        return STOP["signal"] is not None
-    if step is not None and step % STOP_CHECK_EVERY:
-        return False
-    # Decide on the agreed value alone: a signal that lands after the snapshot below (even between
-    # the all_reduce and the return) must not make this process stop while the others go on (it did:
-    # one SIGTERM launch in 50 ended with rank 0 losing rank 1); it is seen at the next agreement.
-    flag = torch.tensor([STOP["signal"] or 0])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=DIST.cpu_group)
-    agreed = int(flag.item())
-    if agreed:                                   # a signal on any process stops all
-        STOP["signal"] = STOP["signal"] or agreed
-    return bool(agreed)
+    def broadcast(self, obj):
+        """Rank 0's obj (a checkpoint, a decision) on every process."""
+        if not self.on:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.cpu_group)
+        return box[0]
+
+    def stop_requested(self, step=None):
+        """A stop signal is pending. Under torchrun the processes agree every STOP_CHECK_EVERY steps
+        and at the end of each epoch (host-side, no device sync), so that all stop after the same step."""
+        if not self.on:
+            return STOP["signal"] is not None
+        if step is not None and step % STOP_CHECK_EVERY:
+            return False
+        # Decide on the agreed value alone: a signal that lands after the snapshot below (even between
+        # the all_reduce and the return) must not make this process stop while the others go on (it
+        # did: one SIGTERM launch in 50 ended with rank 0 losing rank 1); it is seen at the next agreement.
+        flag = torch.tensor([STOP["signal"] or 0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.cpu_group)
+        agreed = int(flag.item())
+        if agreed:                                   # a signal on any process stops all
+            STOP["signal"] = STOP["signal"] or agreed
+        return bool(agreed)
 
 
 def torchrun_env(environ=None):
@@ -1319,7 +1383,7 @@ def replicate(model, device):
                                    static_graph=True, forward_sync_buffers=False)
 
 # ==============================================================================================
-# The run
+# The run: locks, skip or resume, train, write; re-evaluation
 
 def pick_device(name):
     if name == "auto":
@@ -1359,16 +1423,6 @@ class Progress:
         self.shown = False
 
 
-class Interrupted(Exception):
-    """The run stopped on SIGTERM/SIGINT after writing a checkpoint; args: (message, exit code)."""
-
-
-def on_signal(signum, frame):
-    """First SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second one: default action."""
-    STOP["signal"] = signum
-    signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-
-
 def acquire_lock(path):
     """An exclusive lock that dies with its holder (fcntl); None if another process holds it."""
     import fcntl
@@ -1381,18 +1435,18 @@ def acquire_lock(path):
         return None
 
 
-def run(cfg, quiet=False):
+def run(cfg, quiet=False, dist=None):
     """Train and evaluate one configuration; returns the result dict (also written to --out), or
     None if another process is training the same configuration into the same --out."""
-    quiet = quiet or not DIST.main          # under torchrun rank 0 prints and writes
+    dist = dist or Dist()
+    quiet = quiet or not dist.main          # under torchrun rank 0 prints and writes
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    say.quiet = quiet
     device = pick_device(cfg.device)
     name = run_name(cfg)
     os.makedirs(cfg.out, exist_ok=True)
-    res_path, ck_path = os.path.join(cfg.out, name + ".json"), os.path.join(cfg.out, name + ".ckpt")
-    lock = acquire_lock(os.path.join(cfg.out, name + ".lock")) if DIST.main else None
-    if not broadcast(lock is not None):
+    res_path = os.path.join(cfg.out, name + ".json")
+    lock = acquire_lock(os.path.join(cfg.out, name + ".lock")) if dist.main else None
+    if not dist.broadcast(lock is not None):
         say(f"skip (running elsewhere): another process is training {name} into {cfg.out}")
         return None
     try:
@@ -1401,7 +1455,8 @@ def run(cfg, quiet=False):
         handlers = {}
     STOP["signal"] = None
     try:
-        return train_run(cfg, name, res_path, ck_path, device, say)
+        done = finished_result(cfg, res_path, dist, say)
+        return done or train_run(cfg, name, res_path, device, dist, say, quiet)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -1409,11 +1464,68 @@ def run(cfg, quiet=False):
             lock.close()
 
 
-def save_checkpoint(ck_path, cfg, epoch, log, model, opt, st, partial=None):
-    ck = {"config": dataclasses.asdict(cfg), "epoch": epoch, "log": log, "model": model.state_dict(),
-          "opt": opt.state_dict(), "scaler": st.scaler.state_dict() if st.scaler else None,
-          "maxnorm_cap": st.maxnorm_cap, "partial": partial, "best_model": st.best_model}
-    atomic_write(ck_path, lambda f: f.write(torch_bytes(ck)))
+def finished_result(cfg, res_path, dist, say):
+    """The finished result of this configuration (not with --force), or None; a partial or corrupt
+    file is moved aside."""
+    done = None
+    if dist.main and os.path.exists(res_path) and not cfg.force:
+        done = load_result(res_path)
+        if not done:
+            bad = res_path + ".corrupt"
+            os.replace(res_path, bad)
+            say(f"warning: {res_path} was partial or corrupt; moved to {bad} and re-running")
+    done = dist.broadcast(done)
+    if done:
+        say(f"skip (done): {res_path} exists (--force to re-run)")
+    return done
+
+
+def train_run(cfg, name, res_path, device, dist, say, quiet):
+    """Set up data, model, method and run state (resuming where a checkpoint says), train, write."""
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = data_lt.Data(cfg, device, VIEWS[cfg.method], dist.rank, dist.world)
+    st = TrainState(cfg, data, device, dist)
+    model = build_model(cfg, data.C, data.counts, data.in_channels)
+    if dist.on:                  # BatchNorm statistics of the global batch
+        model = models.sync_batchnorm(model, device)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    rs = Run(cfg, model, st, dist, say, res_path[:-5] + ".ckpt")
+    rs.resume(name)
+    rs.steps = steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
+    if not quiet:
+        rs.progress = Progress(cfg.epochs + cfg.wb_stage2_epochs, steps, rs.start, sys.stdout.isatty(),
+                               rs.partial["step"] if rs.partial else 0)
+    procs = f" x {dist.world} processes ({dist.backend}, {cfg.batch_size // dist.world} images each)" if dist.on else ""
+    say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}{procs}, "
+        f"amp {st.dtype or 'off'}, loader {cfg.loader}")
+    final = train(cfg, model, data, st, rs)
+    result = {"version": 2, "name": name, "world_size": dist.world, "config": dataclasses.asdict(cfg),
+              "counts": data.counts, "n_train": data.n_train(), "device": str(device), "log": rs.log, "final": final,
+              "best": best_epoch(rs.log), "complete": True}
+    if dist.main:
+        write_result(result, res_path, model, rs)
+    return result
+
+
+def write_result(result, res_path, model, rs):
+    """The result JSON with the final and best weights beside it (ICPA matrices too, for many
+    classes); then the checkpoint goes."""
+    final, best = result["final"], result["best"]
+    if len(result["counts"]) > ICPA_JSON_MAX:     # two C x C matrices: beside the JSON, never loaded by --tables
+        icpa = {k: torch.tensor(final["nc"].pop(k), dtype=torch.float16) for k in ("icpa_mu", "icpa_w")}
+        atomic_write(res_path[:-5] + ".icpa.pt", lambda f: f.write(torch_bytes(icpa)))
+        final["nc"]["icpa_file"] = os.path.basename(res_path[:-5] + ".icpa.pt")
+    weights = {"final": save_weights(res_path[:-5] + ".pt", model)}
+    if best and rs.best_model is not None:
+        weights["best"] = {"epoch": best["epoch"]} | save_weights(res_path[:-5] + ".best.pt", rs.best_model)
+    result["weights"] = weights
+    save_json(res_path, result)
+    if os.path.exists(rs.ck_path):
+        os.remove(rs.ck_path)
 
 
 def file_sha256(path):
@@ -1428,118 +1540,6 @@ def save_weights(path, model):
     """The model's state dict (weights and buffers, no optimizer), written atomically."""
     atomic_write(path, lambda f: f.write(torch_bytes(model.state_dict() if isinstance(model, nn.Module) else model)))
     return {"file": os.path.basename(path), "sha256": file_sha256(path)}
-
-
-def train_run(cfg, name, res_path, ck_path, device, say):
-    best_path, final_path = res_path[:-5] + ".best.pt", res_path[:-5] + ".pt"
-    done = None
-    if DIST.main and os.path.exists(res_path) and not cfg.force:
-        done = load_result(res_path)
-        if not done:
-            bad = res_path + ".corrupt"
-            os.replace(res_path, bad)
-            say(f"warning: {res_path} was partial or corrupt; moved to {bad} and re-running")
-    done = broadcast(done)
-    if done:
-        say(f"skip (done): {res_path} exists (--force to re-run)")
-        return done
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    data = Data(cfg, device)
-    st = TrainState(cfg, data, device)
-    model = build_model(cfg, data.C, data.counts, data.in_channels)
-    if DIST.on:                  # BatchNorm statistics of the global batch
-        model = models.sync_batchnorm(model, device)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg)
-    log, start, partial = [], 1, None
-    mine = DIST.main and not cfg.force and os.path.exists(ck_path)
-    ck = broadcast(load_checkpoint(ck_path, cfg) if mine else None)      # every process resumes from rank 0's
-    total_epochs = cfg.epochs + cfg.wb_stage2_epochs
-    if ck:
-        partial = ck.get("partial")
-        model.load_state_dict(ck["model"])
-        if (partial["epoch"] if partial else ck["epoch"]) > cfg.epochs:      # the saved optimizer is stage 2's
-            opt = make_optimizer(model, cfg, stage2=True)
-        opt.load_state_dict(ck["opt"])
-        if st.scaler and ck.get("scaler"):
-            st.scaler.load_state_dict(ck["scaler"])
-        log, start = ck["log"], ck["epoch"] + 1
-        st.maxnorm_cap = ck.get("maxnorm_cap")
-        st.best_model = ck.get("best_model")
-        say(f"resuming {name} from epoch {ck['epoch']}" + (f", step {partial['step']} of epoch {partial['epoch']}"
-                                                            if partial else ""))
-    elif cfg.method == "allnc++" and not cfg.force:       # stage 1 = the AllNC run: continue from it if done
-        s1 = broadcast(load_stage1(cfg, say) if DIST.main else None)
-        if s1:
-            model.load_state_dict(s1["model"])
-            log, start, st.best_model = s1["log"], cfg.epochs + 1, s1["best_model"]
-            say(f"stage 1 of {name} is the finished AllNC run {s1['name']}: continuing from its weights at stage 2")
-    steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
-    if not getattr(say, "quiet", False):
-        st.progress = Progress(total_epochs, steps, start, sys.stdout.isatty(), partial["step"] if partial else 0)
-    procs = f" x {DIST.world} processes ({DIST.backend}, {cfg.batch_size // DIST.world} images each)" if DIST.on else ""
-    say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}{procs}, "
-        f"amp {st.dtype or 'off'}, loader {cfg.loader}")
-    for epoch in range(start, total_epochs + 1):
-        stage2 = epoch > cfg.epochs
-        if not partial and epoch == cfg.epochs + 1 and stage2:
-            opt = make_optimizer(model, cfg, stage2=True)
-        if not partial and cfg.method == "allnc++" and (epoch == cfg.epochs + 1 or (epoch == 1 and cfg.maxnorm_stage1)):
-            st.maxnorm_cap = maxnorm_cap(model.head.fc.weight, cfg.maxnorm, cfg.maxnorm_mode)   # per stage
-        st.eta = eta_for(cfg, min(epoch, cfg.epochs))
-        if DIST.on and st.ddp_stage != stage2:
-            st.ddp, st.ddp_stage = replicate(model, device), stage2
-        e = epoch - cfg.epochs if stage2 else epoch
-        n_ep = cfg.wb_stage2_epochs if stage2 else cfg.epochs
-        try:
-            row, _ = train_epoch(model, opt, data, st, epoch, e, n_ep, stage2, partial)
-        except Preempted as p:
-            if DIST.main:
-                save_checkpoint(ck_path, cfg, epoch - 1, log, model, opt, st, p.args[0])
-            stop(f"at epoch {epoch}, step {p.args[0]['step']} of {steps}", ck_path)
-        partial = None
-        row = {"epoch": epoch, "stage": 2 if stage2 else 1} | ({"eta": st.eta} if cfg.method.startswith("allnc") else {}) | row
-        last = epoch == total_epochs
-        if last or epoch % max(cfg.eval_every, 1) == 0:
-            row["test"] = {k: v for k, v in evaluate(model, data, st).items() if k != "per_class"}
-        if last or (cfg.nc_every and epoch % cfg.nc_every == 0):
-            row["nc"] = train_nc_metrics(model, data, st)
-        prev = best_epoch(log)
-        log.append(row)
-        if DIST.main and "test" in row and (prev is None or row["test"]["top1"] > prev["top1"]):   # best so far
-            st.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if st.progress:
-            st.progress.clear()
-        say(progress_line(row, total_epochs))
-        if DIST.main:
-            save_checkpoint(ck_path, cfg, epoch, log, model, opt, st)
-        if not last and stop_requested():
-            stop(f"after epoch {epoch}", ck_path)
-    final = evaluate(model, data, st)
-    final["decoupled"] = decoupled_scores(model, data, st, final)
-    final["nc"] = train_nc_metrics(model, data, st, icpa=True)
-    best = best_epoch(log)
-    result = {"version": 2, "name": name, "world_size": DIST.world, "config": dataclasses.asdict(cfg),
-              "counts": data.counts, "n_train": data.n_train(), "device": str(device), "log": log, "final": final,
-              "best": best, "complete": True}
-    if not DIST.main:
-        return result
-    if data.C > ICPA_JSON_MAX:     # two C x C matrices: beside the JSON, never loaded by --tables
-        icpa = {k: torch.tensor(final["nc"].pop(k), dtype=torch.float16) for k in ("icpa_mu", "icpa_w")}
-        atomic_write(res_path[:-5] + ".icpa.pt", lambda f: f.write(torch_bytes(icpa)))
-        final["nc"]["icpa_file"] = os.path.basename(res_path[:-5] + ".icpa.pt")
-    weights = {"final": save_weights(final_path, model)}
-    if best and st.best_model is not None:
-        weights["best"] = {"epoch": best["epoch"]} | save_weights(best_path, st.best_model)
-    result["weights"] = weights
-    save_json(res_path, result)
-    if os.path.exists(ck_path):
-        os.remove(ck_path)
-    return result
 
 
 def stage1_name(cfg):
@@ -1588,12 +1588,6 @@ def load_stage1(cfg, say):
     return {"name": name, "log": log, "model": load(files["final"]), "best_model": load(files["best"]) if best else None}
 
 
-def stop(where, ck_path):
-    sig = STOP["signal"]
-    raise Interrupted(f"stopped by {signal.Signals(sig).name} {where}; checkpoint written to {ck_path}; "
-                      f"run the same command to resume", 128 + sig)
-
-
 def reevaluate(path, device="auto"):
     """--eval: rebuild the model of a finished result from its stored config and kept weights
     (RESULT.json: the final weights; NAME.pt / NAME.best.pt: those), re-evaluate on the test set."""
@@ -1613,7 +1607,7 @@ def reevaluate(path, device="auto"):
     cfg = Config(**{k: v for k, v in r["config"].items() if k in names})
     cfg.device = device
     dev = pick_device(device)
-    data = Data(cfg, dev)
+    data = data_lt.Data(cfg, dev, VIEWS[cfg.method])
     st = TrainState(cfg, data, dev)
     model = build_model(cfg, data.C, data.counts, data.in_channels).to(dev)
     load_weights(model, wpath, dev)
@@ -2104,7 +2098,7 @@ def training_features(r, path):
     names = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in r["config"].items() if k in names})
     dev = pick_device("auto")
-    data = Data(cfg, dev)
+    data = data_lt.Data(cfg, dev, VIEWS[cfg.method])
     model = build_model(cfg, data.C, data.counts, data.in_channels).to(dev)
     load_weights(model, os.path.join(res_dir, r["weights"]["final"]["file"]), dev)
     model.eval()
@@ -2284,7 +2278,7 @@ def benchmark(cfg, steps=20, warm=5):
     cfg.method = cfg.method if cfg.method.startswith("allnc") else "allnc"
     cfg.loader = "tensor"
     info0 = data_lt.DATASETS[cfg.dataset]
-    data = Data(cfg, device, smoke_size=info0.size, smoke_n_max=info0.n_max)   # --smoke: real size and count
+    data = data_lt.Data(cfg, device, VIEWS[cfg.method], smoke_size=info0.size, smoke_n_max=info0.n_max)   # --smoke: real size and count
     st = TrainState(cfg, data, device)
     info, V = data.info, VIEWS[cfg.method]
     cuda = device.type == "cuda"
@@ -2390,7 +2384,7 @@ def benchmark_loader(cfg, steps=20):
     RandomResizedCrop, ColorJitter, RandAugment, every view) for 1, 2, 4, ... up to --workers
     DataLoader workers: what one process's loader feeds, to size --workers per process."""
     device = pick_device(cfg.device)
-    data = Data(cfg, device)
+    data = data_lt.Data(cfg, device, VIEWS[cfg.method])
     V = VIEWS[cfg.method]
     batches = data_lt.epoch_batches(data.n_train(), cfg.batch_size, cfg.seed, 1)
     steps = min(steps, len(batches) - 1)
@@ -2457,8 +2451,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    global DIST
     cfg, extra = parse_args(argv)
+    dist = Dist()                             # this process alone until torchrun's group is joined
     try:
         env = torchrun_env()
         mode = next((k for k in ("tables", "plot", "eval", "benchmark") if extra[k]), None)
@@ -2505,13 +2499,13 @@ def main(argv=None):
             return 0
         if other is not None and env:
             check_split(other, env[1])
-        DIST = setup_distributed(cfg)             # torchrun: this process's device and the process group
+        dist = setup_distributed(cfg)             # torchrun: this process's device and the process group
         if other is not None:
             other.device = cfg.device
-        result = run(cfg)
+        result = run(cfg, dist=dist)
         if other is not None and result is not None:
-            second = run(other)
-            if second is not None and DIST.main:
+            second = run(other, dist=dist)
+            if second is not None and dist.main:
                 print()
                 print(compare_table(result, second))
                 return 0
@@ -2520,43 +2514,43 @@ def main(argv=None):
         if "Traceback" in msg:     # raised in a DataLoader worker: keep our own last line
             msg = msg.splitlines()[-1].split("DataError: ", 1)[-1]
         # before the process group exists every process finds the same fault: one line per machine
-        if DIST.on or os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {rank_tag()}{msg}", file=sys.stderr)
+        if dist.on or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {rank_tag(dist)}{msg}", file=sys.stderr)
         return 2
     except NonFinite as e:
-        if DIST.main:              # every process raises it at the same epoch
+        if dist.main:              # every process raises it at the same epoch
             print(f"error: {e}", file=sys.stderr)
         return 3
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 74
     except Interrupted as e:
-        if DIST.main:
+        if dist.main:
             print(f"\n{e.args[0]}", file=sys.stderr)
         return e.args[1]
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
     except RuntimeError as e:
-        if not (DIST.on and lost_peer(e)):
+        if not (dist.on and lost_peer(e)):
             raise
         detail = str(e).strip().splitlines()[0].rsplit("] ", 1)[-1][:100]     # without gloo's source location
-        print(f"error: {rank_tag()}lost another process of the run ({detail}); "
+        print(f"error: {rank_tag(dist)}lost another process of the run ({detail}); "
               f"the checkpoint of the last finished epoch is kept: run the same torchrun command to resume",
               file=sys.stderr)
         return 75
     finally:
-        if DIST.on and torch.distributed.is_initialized():
+        if dist.on and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if result is None or not DIST.main:    # another process trains this configuration; or not rank 0
+    if result is None or not dist.main:    # another process trains this configuration; or not rank 0
         return 0
     print()
     print(run_table(result))
     return 0
 
 
-def rank_tag():
-    return f"[rank {DIST.rank}] " if DIST.on else ""
+def rank_tag(dist):
+    return f"[rank {dist.rank}] " if dist.on else ""
 
 
 def lost_peer(e):

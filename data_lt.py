@@ -590,17 +590,6 @@ def epoch_batches(n, batch_size, seed, epoch, drop_last=True):
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def rank_batches(batches, rank, world):
-    """Each batch's share of process `rank` of `world` (torchrun): the global batch split evenly in
-    rank order, so that the N processes together train on exactly the batches of one process."""
-    if world == 1:
-        return batches
-    if any(len(b) % world for b in batches):
-        raise DataError(f"a batch of {min(len(b) for b in batches)} images does not split over {world} processes "
-                        f"(the training set is smaller than one batch); lower --batch-size or the process count")
-    return [b[rank * (len(b) // world):(rank + 1) * (len(b) // world)] for b in batches]
-
-
 def to_device(t, device):
     """A CPU tensor onto `device` without making the host wait (pinned memory, non-blocking copy)."""
     if device.type == "cuda":
@@ -619,18 +608,17 @@ def augment_set(x, gen, info, randaug="timm", autoaugment=False, cutout_px=0, ch
 
 
 def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, randaug="timm", autoaugment=False,
-                  cutout_px=0, start=0, chunk=2048, rank=0, world=1):
+                  cutout_px=0, start=0, chunk=2048, share=slice(None)):
     """Yield (views, labels) batches of a device-resident uint8 training set, from batch `start` on.
     At the start of the epoch the permuted set is gathered once and each view of it augmented in a
     few chunked calls; the batches are then slices, normalised per batch (no host-device sync, no
     per-step copies). Random decisions come from a CPU generator seeded by (seed, epoch): the same
-    on every device, and the same epoch again on resume. Under torchrun every process augments the
-    whole epoch (the same draws as one process) and yields its rank's part of each batch."""
+    on every device, and the same epoch again on resume. share: the rows of each batch this process
+    trains on (torchrun); every process augments the whole epoch, the same draws as one process."""
     gen = torch.Generator().manual_seed(seed * 100003 + epoch + 7)
     batches = epoch_batches(len(x), batch_size, seed, epoch)
     if not batches:
         return
-    parts = rank_batches(batches, rank, world)
     order = to_device(torch.cat(batches), x.device)
     xs, ys = x[order], y[order]
     if augment:
@@ -638,8 +626,8 @@ def tensor_loader(x, y, info, batch_size, seed, epoch, views=2, augment=True, ra
     else:
         views_u8 = [xs] * views
     for b in range(start, len(batches)):
-        lo = b * batch_size + rank * len(parts[b])
-        sl = slice(lo, lo + len(parts[b]))
+        rows = range(b * batch_size, b * batch_size + len(batches[b]))[share]
+        sl = slice(rows.start, rows.stop)
         yield [to_float(v[sl], info.mean, info.std) for v in views_u8], ys[sl]
 
 
@@ -806,6 +794,134 @@ def folder_samples(dataset, root, train, imb=1, imb_type="pareto", train_list=No
     counts = pareto_counts(C, n_max, min(n_min, n_max)) if imb_type == "pareto" else exp_counts(n_max, C, imb)
     keep = long_tail_indices(ds.targets, counts, lt_subset).tolist()
     return [ds.samples[i] for i in keep], C
+
+# ----------------------------------------------------------------------------------------------
+# One run's data: the split, the loaders, and this process's share of every batch
+
+def rank_part(n, rank=0, world=1):
+    """Process `rank`'s share of n items split evenly in rank order (all of them for one process)."""
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def check_split_sizes(cfg, counts):
+    """Every class keeps a training image, the imbalance is the one asked for, and a batch fits in
+    the training set (under torchrun the global batch: each process's share then fits in its share)."""
+    n_max = cfg.n_max or DATASETS[cfg.dataset].n_max
+    if cfg.imb_type == "pareto" and n_max / cfg.imb < 0.5:
+        raise DataError(f"--n-max {n_max} with --imb-type pareto --imb {cfg.imb:g}: the smallest class would need "
+                        f"{n_max / cfg.imb:.2f} images and is raised to 1, so the imbalance would be {n_max:g}, not "
+                        f"{cfg.imb:g}; give --n-max {math.ceil(cfg.imb / 2)} or more, or a smaller --imb")
+    if min(counts) == 0:
+        need = next(n for n in range(max(1, math.floor(cfg.imb)), 10 ** 9)
+                    if min(exp_counts(n, len(counts), cfg.imb)) > 0)
+        raise DataError(f"--n-max {n_max} at --imb {cfg.imb:g} leaves {sum(c == 0 for c in counts)} of {len(counts)} "
+                        f"classes without a training image (n_c = int(n_max * imb^(-c/(C-1)))); give --n-max "
+                        f"{need} or more, or a smaller --imb")
+    if cfg.batch_size > sum(counts):
+        raise DataError(f"--batch-size {cfg.batch_size} is larger than the training set ({sum(counts)} images): every "
+                        f"step would train on all of them; give --batch-size {sum(counts)} or less")
+
+
+def smoke_data(cfg, size=16, n_max=40):
+    """A generated stand-in for `cfg.dataset` with its classes and LT profile: tiny for SCALE=smoke;
+    the benchmark passes the real n_max so that an epoch has the real number of images."""
+    C = DATASETS[cfg.dataset].num_classes
+    counts = [max(2, n) for n in (exp_counts(n_max, C, cfg.imb) if cfg.imb_type == "exp"
+                                  else pareto_counts(C, n_max, max(2, int(n_max / cfg.imb))))]
+    g = torch.Generator().manual_seed(1234)
+    proto = torch.rand(C, 3, 1, 1, generator=g) * 200 + 20
+    stripe = torch.rand(C, 1, size, size, generator=g) * 60
+
+    def make(ns, seed):
+        gg = torch.Generator().manual_seed(seed)
+        y = torch.cat([torch.full((n,), c) for c, n in enumerate(ns)])
+        x = proto[y] + stripe[y] + torch.randn(len(y), 3, size, size, generator=gg) * 25
+        return x.clamp(0, 255).to(torch.uint8), y
+
+    xtr, ytr = make(counts, 1)
+    xte, yte = make([5] * C, 2)
+    return xtr, ytr, xte, yte, counts
+
+
+class Data:
+    """Training/test data of one run: counts, and either device tensors (tensor path) or PIL
+    datasets (ImageFolder sets, --loader pil). views: augmented views per training image (AllNC 2).
+    Under torchrun (rank of world) each process gets its share of every global batch and of the
+    evaluation sets; train_batches is the one place the global batch is split."""
+
+    def __init__(self, cfg, device, views=1, rank=0, world=1, smoke_size=16, smoke_n_max=40):
+        self.info = info = DATASETS[cfg.dataset]
+        self.cfg, self.device, self.views, self.rank, self.world = cfg, device, views, rank, world
+        if info.kind == "folder" and not cfg.smoke:
+            self._init_folder(cfg)
+            return
+        self.C = info.num_classes
+        if cfg.smoke:
+            xtr, ytr, xte, yte, self.counts = smoke_data(cfg, smoke_size, smoke_n_max)
+            check_split_sizes(cfg, self.counts)
+            self.info = info = dataclasses.replace(DATASETS["synthetic"], num_classes=self.C, size=smoke_size)
+        else:
+            xtr, ytr = load_tensor_dataset(cfg.dataset, cfg.data_root, True, cfg.download)
+            xte, yte = load_tensor_dataset(cfg.dataset, cfg.data_root, False, cfg.download)
+            self.counts = split_counts(cfg.dataset, cfg.imb, cfg.imb_type, cfg.n_max)
+            keep = long_tail_indices(ytr, self.counts, cfg.lt_subset)
+            xtr, ytr = xtr[keep], ytr[keep]
+        self.in_channels = xtr.shape[1]
+        self.xtr, self.ytr = xtr.to(device), ytr.to(device)
+        self.xte, self.yte = xte.to(device), yte.to(device)
+        if cfg.loader == "pil":
+            self.pil = PILViews(xtr, ytr, info, views, cfg.augment, cfg.randaug, cfg.autoaugment, cfg.cutout)
+
+    def _init_folder(self, cfg):
+        info = self.info
+        tr, C = folder_samples(cfg.dataset, cfg.data_root, True, cfg.imb, cfg.imb_type,
+                               cfg.train_list, cfg.test_list, cfg.lt_subset)
+        te, _ = folder_samples(cfg.dataset, cfg.data_root, False, cfg.imb, cfg.imb_type,
+                               cfg.train_list, cfg.test_list)
+        self.C, self.in_channels = C, 3
+        self.counts = torch.bincount(torch.tensor([s[1] for s in tr]), minlength=C).tolist()
+        if min(self.counts) == 0:
+            raise DataError(f"some classes of {cfg.dataset} have no training images; check --data-root / --train-list")
+        check_split_sizes(cfg, self.counts)
+        size = min(info.size, 224)
+        self.pil = ListDataset(tr, folder_transforms(info, True, size, cfg.randaug), self.views)
+        self.test = ListDataset(te, folder_transforms(info, False, size), 1)
+        self.plain_train = ListDataset(tr, folder_transforms(info, False, size), 1)
+        self.ntr = len(tr)
+
+    def n_train(self):
+        return len(self.xtr) if hasattr(self, "xtr") else self.ntr
+
+    def train_batches(self, epoch, views, bs=None, start=0):
+        """The epoch's batches from batch `start` on (the same batches as an uninterrupted epoch),
+        this process's share of each: the one place where a global batch is split over processes."""
+        cfg = self.cfg
+        bs = bs or cfg.batch_size
+        share = rank_part(bs, self.rank, self.world)
+        if cfg.loader == "tensor":        # the epoch is augmented from its own seed: a restart replays it
+            return tensor_loader(self.xtr, self.ytr, self.info, bs, cfg.seed, epoch, views, cfg.augment, cfg.randaug,
+                                 cfg.autoaugment, cfg.cutout, start, share=share)
+        batches = [b[share] for b in epoch_batches(self.n_train(), bs, cfg.seed, epoch)][start:]
+        return pil_loader(self.pil, batches, cfg.workers, cfg.seed, epoch, self.device, self.rank)
+
+    def n_plain(self, train):
+        return self.n_train() if train else (len(self.xte) if hasattr(self, "xte") else len(self.test))
+
+    def plain(self, train):
+        """Un-augmented (images, labels) batches of the training or test set; under torchrun this
+        process's rank_part of it."""
+        part = rank_part(self.n_plain(train), self.rank, self.world)
+        if hasattr(self, "xtr"):
+            x, y = (self.xtr, self.ytr) if train else (self.xte, self.yte)
+            x, y = x[part], y[part]
+            for i in range(0, len(x), 1024):
+                yield to_float(x[i:i + 1024], self.info.mean, self.info.std), y[i:i + 1024]
+            return
+        ds = self.plain_train if train else self.test
+        ds = torch.utils.data.Subset(ds, range(part.start, part.stop)) if self.world > 1 else ds
+        dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=self.cfg.workers)
+        for x, y in dl:
+            yield x.to(self.device), y.to(self.device)
 
 # ----------------------------------------------------------------------------------------------
 # Command line: split sizes
