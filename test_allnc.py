@@ -285,6 +285,10 @@ def test_ncmc_centers_frames_and_loss():
     want = g * 2 * (1 - math.sin(0.2)) ** 2 + 6e-4 * (3 - 1) ** 2
     got = allnc.ncmc_loss(3 * head.w[1:2], head.V, head.mask, head.k, y1, 0.2).item()
     assert got == pytest.approx(want, rel=1e-5)
+    # a batch: x = 0.5 V_00 (cos 1, |x| = 0.5) and x = 3 w_1; the batch mean of each sample's own loss
+    both = allnc.ncmc_loss(torch.cat([0.5 * head.V[0, :1], 3 * head.w[1:2]]), head.V, head.mask, head.k,
+                           torch.tensor([0, 1]), 0.2).item()
+    assert both == pytest.approx((6e-4 * (0.5 - 1) ** 2 + want) / 2, rel=1e-5)
     head.eval()                                 # BN at its initial running stats: identity
     feat = torch.randn(5, 256)
     logits, h = head(feat)
@@ -310,6 +314,19 @@ def test_logit_adjustment_follows_formula():
     assert torch.allclose(adj, expect)
     assert adj.argmax(1).tolist() == [1, 0]            # tie goes to the rare class; a big margin stays
     assert allnc.logit_adjust(logits, counts, tau=0.0).argmax(1).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("method", ["rbl", "ce"])
+def test_rbl_predicts_by_logit_adjusted_scores_at_test_time(method):
+    """RBL's prediction rule: argmax of logit - tau log(N_i / N), tau = --rbl-tau; other methods: the logits."""
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 0.3, 0.2]])
+    model = lambda x: (None, logits, None)
+    counts = [80, 15, 5]
+    st = type("St", (), {"cfg": allnc.Config(method=method, rbl_tau=0.5), "counts": counts})()
+    got = allnc.eval_logits(model, torch.zeros(2, 1), st)
+    prior = torch.tensor(counts, dtype=torch.float64) / 100
+    want = logits.double() - (0.5 * prior.log() if method == "rbl" else 0)
+    assert torch.allclose(got.double(), want, atol=1e-6)
 
 # ----------------------------------------------------------------------------------------------
 # Heads and models
@@ -414,6 +431,65 @@ def test_allnc_total_is_eq14(tmp_path):
     cls = lambda: 0.4 * t["ce"] + 0.6 * (t["grw"] + t["p2p_w"])     # t holds the mean over both views
     assert total.item() == pytest.approx((2 * cls() + 0.7 * (t["hycon"] + t["p2p_mu"])).item(), rel=1e-5)
 
+@pytest.mark.parametrize("flag", ["no_hycon", "no_p2p"])
+def test_ablation_flags_drop_exactly_their_terms(tmp_path, flag):
+    """Table VII: --no-hycon drops alpha L_con; --no-p2p drops alpha L_p(mu~) and L_p(w) in both views'
+    (1 - eta) part; every other term and the total's remainder stay as they were."""
+    import copy
+    full_cfg = tiny_cfg(tmp_path, alpha=0.7)
+    cfg = dataclasses.replace(full_cfg, **{flag: True})
+    data = make_data(full_cfg)
+    xs, y = next(iter(data.train_batches(1, 2)))
+    torch.manual_seed(0)
+    model = allnc.build_model(full_cfg, data.C, data.counts, data.in_channels).to(DEVICE).eval()
+    out = {}
+    for name, c in (("full", full_cfg), ("ablated", cfg)):
+        st = allnc.TrainState(c, data, DEVICE)
+        st.eta = 0.4
+        out[name] = allnc.step_allnc(copy.deepcopy(model), xs, y, st)
+    (full, t), (abl, ta) = out["full"], out["ablated"]
+    dropped = {"no_hycon": ("hycon",), "no_p2p": ("p2p_mu", "p2p_w")}[flag]
+    assert all(ta[k].item() == 0 for k in dropped) and all(t[k].item() != 0 for k in dropped)
+    assert all(ta[k].item() == pytest.approx(t[k].item(), rel=1e-6) for k in t if k not in dropped)
+    less = 0.7 * t["hycon"] if flag == "no_hycon" else 0.7 * t["p2p_mu"] + 2 * 0.6 * t["p2p_w"]
+    assert abl.item() == pytest.approx((full - less).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("flags,eta", [({}, lambda T: 1 - (T / 5) ** 2), ({"gamma": 0.5}, lambda T: 1 - (T / 5) ** 0.5),
+                                       ({"no_gbbn": True}, lambda T: 0.0),
+                                       ({"fixed_gamma": True}, lambda T: 1 - ((T - 1) / 5) ** 2)])
+def test_the_loop_applies_eta_lr_and_stage_2_per_epoch(tmp_path, monkeypatch, flags, eta):
+    """What train() hands each epoch, written from the paper and the public code: eta of Eq. 13 at
+    T = 1..T_max (BBN's schedule with --fixed-gamma, 0 with --no-gbbn), kept through AllNC++'s stage 2;
+    GLMC's cosine lr, then stage 2's own cosine from --wb-stage2-lr; from stage 2 on an optimizer over
+    the head alone with --wb-stage2-wd, and MaxNorm's cap from the row norms at that point."""
+    cfg = tiny_cfg(tmp_path, method="allnc++", epochs=5, wb_stage2_epochs=2, lr=0.02, **flags)
+    data = make_data(cfg)
+    st = allnc.TrainState(cfg, data, DEVICE)
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE)
+    rs = allnc.Run(cfg, model, st)
+    seen = []
+
+    def one_epoch(model, data, st, rs, epoch, lr, stage2=False):
+        seen.append((epoch, lr, st.eta, stage2, rs.opt, st.maxnorm_cap))
+        return {"lr": lr, "img_per_s": 1.0, "time": 1.0}
+    monkeypatch.setattr(allnc, "train_epoch", one_epoch)
+    monkeypatch.setattr(allnc, "evaluate", lambda *a, **k: {"top1": 0.0})
+    monkeypatch.setattr(allnc, "train_nc_metrics", lambda *a, **k: {})
+    monkeypatch.setattr(allnc, "decoupled_scores", lambda *a, **k: {})
+    allnc.train(cfg, model, data, st, rs)
+    assert [s[0] for s in seen] == list(range(1, 8)) and [s[3] for s in seen] == [False] * 5 + [True] * 2
+    assert [s[2] for s in seen] == pytest.approx([eta(T) for T in range(1, 6)] + [eta(5)] * 2)
+    cos = lambda base, e, n: base * 0.5 * (1 + math.cos(math.pi * e / n))
+    assert [s[1] for s in seen] == pytest.approx([cos(0.02, e, 5) for e in range(5)] + [cos(0.01, e, 2) for e in range(2)])
+    one, two = seen[0][4], seen[5][4]
+    assert len(one.param_groups[0]["params"]) == len(list(model.parameters())) and one.param_groups[0]["weight_decay"] == cfg.wd
+    assert [id(p) for p in two.param_groups[0]["params"]] == [id(p) for p in model.head.parameters()]
+    assert two.param_groups[0]["weight_decay"] == 0.1 and seen[6][4] is two
+    n = model.head.fc.weight.detach().norm(dim=1)
+    assert seen[4][5] is None and seen[5][5] == pytest.approx((n.min() + 0.1 * (n.max() - n.min())).item())
+
+
 def test_hycon_pairs_each_view_with_the_other():
     """Eq. 8 with asymmetric views, written from the paper: sim(h1, u2, sg z2) + sim(h2, u1, sg z1); pairing
     each view with itself gives another value."""
@@ -431,6 +507,54 @@ def test_batch_class_means_by_hand():
     means, present = allnc.batch_class_means(z, torch.tensor([0, 0, 2, 3]), 4)
     assert torch.equal(means, torch.tensor([[2.0, 3.0], [0.0, 0.0], [5.0, 6.0], [-1.0, 0.0]]))
     assert present.tolist() == [True, False, True, True]
+
+
+class PartnerDist:
+    """Process `me` of two, in one process: sum() adds what the partner passed to its own sum() at the
+    same call (recorded in a first pass, where the partner's contributions are not known yet)."""
+    world, on = 2, True
+
+    def __init__(self, partner_calls=None):
+        self.calls, self.partner, self.i = [], partner_calls, 0
+
+    def sum(self, t):
+        self.calls.append(t.detach().clone())
+        self.i += 1
+        return t + self.partner[self.i - 1] if self.partner is not None else t
+
+
+def on_two_processes(fn, part_a, part_b):
+    """fn(*part, dist) as each of two processes would compute it: what every process gets back."""
+    rec_a, rec_b = PartnerDist(), PartnerDist()
+    fn(*part_a, rec_a), fn(*part_b, rec_b)
+    return fn(*part_a, PartnerDist(rec_b.calls)), fn(*part_b, PartnerDist(rec_a.calls))
+
+
+def test_losses_over_two_processes_are_the_global_batch_losses():
+    """Under torchrun each process holds half of the global batch; DDP averages the processes'
+    gradients, so the mean over processes of each process's loss must be the loss of the whole batch
+    (GRW: torch's weighted cross-entropy on it; the ETF loss's Ew counts the whole batch), and the
+    class means every process gets are the whole batch's."""
+    torch.manual_seed(2)
+    logits, y = torch.randn(12, 4), torch.tensor([0, 0, 0, 0, 1, 1, 2, 0, 1, 3, 3, 0])
+    w = allnc.grw_weights([50, 20, 8, 3], rho=1.2)
+    a, b = (logits[:6], y[:6], w), (logits[6:], y[6:], w)
+    la, lb = on_two_processes(lambda lg, yy, ww, d: allnc.grw_loss(lg, yy, ww, "weights", d), a, b)
+    assert ((la + lb) / 2).item() == pytest.approx(F.cross_entropy(logits, y, weight=w).item(), rel=1e-6)
+    z = torch.randn(12, 3)
+    (ma, pa), (mb, pb) = on_two_processes(lambda zz, yy, d: allnc.batch_class_means(zz, yy, 4, d), (z[:6], y[:6]),
+                                          (z[6:], y[6:]))
+    want = torch.stack([z[y == c].mean(0) for c in range(4)])
+    assert torch.allclose(ma, want, atol=1e-6) and torch.allclose(mb, want, atol=1e-6)
+    assert pa.tolist() == pb.tolist() == [True, True, True, True]          # class 3 only on the second
+    M = models.simplex_etf(6, 4)
+    h = F.normalize(torch.randn(12, 6), dim=1)
+    ea, eb = on_two_processes(lambda hh, yy, d: allnc.etf_dr_loss(hh, M, yy, True, None, d), (h[:6], y[:6]),
+                              (h[6:], y[6:]))
+    cnt = torch.bincount(y, minlength=4).float()            # produce_Ew on the whole batch, by hand
+    ew2 = (len(y) / 4) / cnt[y]
+    want = (0.5 * ew2 * ((h * M.t()[y]).sum(1) - 1) ** 2).mean()
+    assert ((ea + eb) / 2).item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_allnc_step_against_the_paper_by_hand(tmp_path):
@@ -833,6 +957,9 @@ def test_maxnorm_relative_threshold_on_hand_made_weights():
     assert W.norm(dim=1).tolist() == pytest.approx([1, 2, 3, 3])
     assert W[3].tolist() == pytest.approx([0, 3])           # scaled, not clipped per entry
     assert allnc.maxnorm_cap(W, 0.25, "absolute") == 0.25
+    small = torch.tensor([[0.3, 0.4], [0.1, 0.0]])          # norms below 1: 0.5 is capped to 0.2, 0.1 stays
+    allnc.max_norm_(small, 0.2)
+    assert small.norm(dim=1).tolist() == pytest.approx([0.2, 0.1])
 
 
 @pytest.mark.parametrize("every", ["epoch", "step"])
@@ -882,6 +1009,36 @@ def test_cb_loss_matches_weight_balancing_formula():
     p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
     terms = [-w[y[i]] * (np.log(p[i, c]) if c == y[i] else np.log(1 - p[i, c])) for i in range(2) for c in range(3)]
     assert allnc.cb_loss(logits, y, counts, beta).item() == pytest.approx(np.mean(terms), rel=1e-5)
+    w9 = np.array([(1 - 0.9999) / (1 - 0.9999 ** n) for n in counts])      # weight balancing's default beta
+    w9 = w9 / w9.sum() * 3
+    default = [-w9[y[i]] * (np.log(p[i, c]) if c == y[i] else np.log(1 - p[i, c])) for i in range(2) for c in range(3)]
+    assert allnc.cb_loss(logits, y, counts).item() == pytest.approx(np.mean(default), rel=1e-5)
+
+
+def test_stage2_step_trains_the_head_alone_on_frozen_features(tmp_path):
+    """AllNC++ stage 2 (weight balancing's demo 2): the encoder, BatchNorm statistics included, stays as
+    it is; the loss is the class-balanced loss of the head's logits on the frozen features; only the
+    head gets a gradient."""
+    cfg = tiny_cfg(tmp_path, method="allnc++", wb_stage2_epochs=1)
+    data = make_data(cfg)
+    st = allnc.TrainState(cfg, data, DEVICE)
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE).train()
+    bn = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    (x,), y = next(iter(data.train_batches(1, 1)))
+    loss, terms = allnc.step_stage2(model, [x], y, st)
+    loss.backward()
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in bn.items())       # running stats too
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
+    with torch.no_grad():
+        model.encoder.eval()
+        logits = model.head.fc(model.encoder(x).float()).double()
+    n = torch.tensor(data.counts, dtype=torch.float64)
+    w = (1 - 0.9999) / (1 - 0.9999 ** n)
+    w = w / w.sum() * len(n)
+    p, onehot = logits.softmax(1), F.one_hot(y, len(n)).double()
+    want = -(w[y][:, None] * (onehot * p.log() + (1 - onehot) * (1 - p).log())).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5) and set(terms) == {"cb"}
 
 
 def test_nonfinite_loss_stops_run_naming_term(tmp_path, monkeypatch):
