@@ -1180,7 +1180,7 @@ def test_run_all_smoke_end_to_end_prints_tables(tmp_path, capsys):
 
 def test_bf16_autocast_path_runs(tmp_path):
     """The AMP code path (autocast + float32 losses) as CUDA uses it; with CPU bf16 in CI."""
-    cfg = tiny_cfg(tmp_path, amp="bf16", epochs=2, nc_every=0)
+    cfg = tiny_cfg(tmp_path, amp="bf16", epochs=2, nc_every=0, augment=False, batch_size=32)   # learns in 2 epochs
     st = allnc.TrainState(cfg, make_data(cfg), DEVICE)
     assert st.dtype == torch.bfloat16
     assert allnc.Run(cfg, allnc.build_model(cfg, 10, [1] * 10, 3), st).scaler is None     # GradScaler: fp16 only
@@ -1188,7 +1188,7 @@ def test_bf16_autocast_path_runs(tmp_path):
     fp32 = allnc.run(dataclasses.replace(cfg, amp="off", out=str(tmp_path / "fp32")), quiet=True)
     assert all(math.isfinite(r["loss"]) for r in res["log"])
     # learns as fp32 does (chance is 10%): bf16 autocast must not break a loss term or the head
-    assert fp32["final"]["top1"] > 50 and abs(res["final"]["top1"] - fp32["final"]["top1"]) < 10, \
+    assert fp32["final"]["top1"] > 80 and abs(res["final"]["top1"] - fp32["final"]["top1"]) < 5, \
         (res["final"]["top1"], fp32["final"]["top1"])
     auto = allnc.TrainState(tiny_cfg(tmp_path), make_data(cfg), DEVICE).dtype    # --amp auto
     assert auto is (torch.bfloat16 if DEVICE.type == "cuda" else None)
