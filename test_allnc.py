@@ -1362,6 +1362,49 @@ def test_step_and_rbl_schedules():
         pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 592)))
 
 
+@pytest.mark.parametrize("method", ["ce", "etf"])
+def test_mixup_mixes_inputs_and_both_labels_by_hand(tmp_path, method):
+    """Input mixup as the ETF code's mixup_data: lam ~ Beta(a, a), x~ = lam x + (1 - lam) x[perm], and the
+    loss lam L(y) + (1 - lam) L(y[perm]); the ETF loss's Ew counts the batch's own labels. Draws replayed
+    from a RandomState of the same seed."""
+    cfg = tiny_cfg(tmp_path, method=method, mixup=1.0)
+    data = make_data(cfg)
+    st = allnc.TrainState(cfg, data, DEVICE)
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE).eval()
+    (x,), y = next(iter(data.train_batches(1, 1)))
+    st.mix_rng = np.random.RandomState(0)
+    loss, _ = allnc.step_single(model, [x], y, st)
+    rng = np.random.RandomState(0)
+    lam = rng.beta(1.0, 1.0)
+    perm = torch.from_numpy(rng.permutation(len(y)))
+    xm = lam * x + (1 - lam) * x[perm]
+    with torch.no_grad():
+        _, logits, h = model(xm)
+    if method == "ce":
+        want = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+    else:
+        M = model.head.M
+        cnt = torch.bincount(y, minlength=data.C).float()
+        dr = lambda yy: (0.5 * (len(y) / (cnt > 0).sum()) / cnt[yy] * ((h * M.t()[yy]).sum(1) - 1) ** 2).mean()
+        want = lam * dr(y) + (1 - lam) * dr(y[perm])
+    assert 0.05 < lam < 0.95 and loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_etf_balance_counts_the_given_labels():
+    """produce_Ew counts y_count (the un-mixed labels) and weights each sample by its own label's count;
+    by default, balance on: Ew_c^2 = (B / classes present) / count_c."""
+    M = models.simplex_etf(6, 4)
+    h = F.normalize(torch.randn(2, 6, generator=torch.Generator().manual_seed(4)), dim=1)
+    y, y_count = torch.tensor([0, 1]), torch.tensor([0, 0, 0, 1])
+    per = 0.5 * ((h * M.t()[y]).sum(1) - 1) ** 2
+    want = (per * torch.tensor([(4 / 2) / 3, (4 / 2) / 1])).mean()
+    assert allnc.etf_dr_loss(h, M, y, True, y_count).item() == pytest.approx(want.item(), rel=1e-6)
+    yy = torch.tensor([0, 0, 0, 1])
+    hh = F.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(5)), dim=1)
+    per = 0.5 * ((hh * M.t()[yy]).sum(1) - 1) ** 2
+    assert allnc.etf_dr_loss(hh, M, yy).item() == pytest.approx((per * torch.tensor([2 / 3] * 3 + [2.0])).mean().item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("method", ["ce", "etf", "ncmc"])
 def test_mixup_at_lambda_one_is_the_plain_loss(tmp_path, method):
     cfg = tiny_cfg(tmp_path, method=method, mixup=1.0)
