@@ -281,12 +281,10 @@ def cb_weights(counts, beta=0.9999):
     return (w / w.sum() * len(n)).float()
 
 
-def cb_loss(logits, y, counts, beta=0.9999, w=None):
-    """Class-balanced loss of weight balancing's stage 2 (class_balanced_loss.py, 'softmax'):
-    w_c = (1 - beta)/(1 - beta^N_c) normalised to sum C; mean over samples and classes of
-    w_{y_i} BCE(softmax(logits)_ic, onehot_ic)."""
+def cb_loss(logits, y, w):
+    """Class-balanced loss of weight balancing's stage 2 (class_balanced_loss.py, 'softmax'): mean
+    over samples and classes of w_{y_i} BCE(softmax(logits)_ic, onehot_ic), w = cb_weights(counts, beta)."""
     with torch.autocast(logits.device.type, enabled=False):      # CUDA autocast refuses BCE
-        w = cb_weights(counts, beta).to(logits.device) if w is None else w
         p = logits.float().softmax(1)
         onehot = F.one_hot(y, len(w)).float()
         return F.binary_cross_entropy(p, onehot, weight=w[y][:, None].expand_as(p))
@@ -444,7 +442,7 @@ def step_stage2(model, views, y, st):
         feat = model.encoder(views[0]).float()
     with torch.autocast(feat.device.type, enabled=False):
         logits, _ = model.head(feat)
-    loss = cb_loss(logits, y, st.counts, st.cfg.wb_cb_beta, st.cb_w)
+    loss = cb_loss(logits, y, st.cb_w)
     return loss, {"cb": loss}
 
 

@@ -66,6 +66,21 @@ def tiny_cfg(tmp_path, **kw):
                 nc_every=1, device=DEV)
     return allnc.resolve(allnc.Config(**(base | kw)))
 
+# The mutation check (README, "Mutation check"): the method's functions mutmut mutates, and the fast
+# tests aimed at them (a pytest -k expression).
+MUTATION_TARGETS = ("etf_gram", "p2p_loss", "p2p_loss_raw", "hycon_sim", "hycon_loss", "gbbn_eta", "bbn_eta",
+                    "grw_weights", "grw_loss", "gbbn_cls_loss", "cb_weights", "cb_loss", "etf_dr_loss", "ncmc_loss",
+                    "batch_class_means", "step_allnc", "loss_ce", "loss_etf", "loss_ncmc", "mixup", "step_single",
+                    "step_stage2", "eval_logits", "logit_adjust", "eta_for", "lr_at", "lr_for", "warmup_epochs",
+                    "maxnorm_cap", "max_norm_", "begin_stage")
+MUTATION_TESTS = ("etf_gram or p2p or hycon or gbbn or grw or decoupled or etf_dot or ncmc_centers or logit_adjustment "
+                  "or each_method_trains or eq14 or batch_class_means or paper_by_hand or nc_metrics or maxnorm_relative "
+                  "or cb_loss or lr_schedule or few_is_at_most or best_epoch or two_heads or float32_under or stage2_step "
+                  "or stage2_loss "
+                  "or warmup_defaults or step_and_rbl or mixup or two_processes_are or ablation_flags or loop_applies "
+                  "or rbl_predicts or etf_balance_counts or warm_up_and_the_step")
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses
 
@@ -455,19 +470,13 @@ def test_ablation_flags_drop_exactly_their_terms(tmp_path, flag):
     assert abl.item() == pytest.approx((full - less).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("flags,eta", [({}, lambda T: 1 - (T / 5) ** 2), ({"gamma": 0.5}, lambda T: 1 - (T / 5) ** 0.5),
-                                       ({"no_gbbn": True}, lambda T: 0.0),
-                                       ({"fixed_gamma": True}, lambda T: 1 - ((T - 1) / 5) ** 2)])
-def test_the_loop_applies_eta_lr_and_stage_2_per_epoch(tmp_path, monkeypatch, flags, eta):
-    """What train() hands each epoch, written from the paper and the public code: eta of Eq. 13 at
-    T = 1..T_max (BBN's schedule with --fixed-gamma, 0 with --no-gbbn), kept through AllNC++'s stage 2;
-    GLMC's cosine lr, then stage 2's own cosine from --wb-stage2-lr; from stage 2 on an optimizer over
-    the head alone with --wb-stage2-wd, and MaxNorm's cap from the row norms at that point."""
-    cfg = tiny_cfg(tmp_path, method="allnc++", epochs=5, wb_stage2_epochs=2, lr=0.02, **flags)
+def loop_epochs(tmp_path, monkeypatch, **kw):
+    """What train() hands each epoch (epoch, lr, eta, stage 2?, optimizer, MaxNorm cap), with the
+    epoch's steps, evaluation and NC metrics stubbed out; and the model."""
+    cfg = tiny_cfg(tmp_path, method="allnc++", wb_stage2_epochs=2, **kw)
     data = make_data(cfg)
     st = allnc.TrainState(cfg, data, DEVICE)
     model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE)
-    rs = allnc.Run(cfg, model, st)
     seen = []
 
     def one_epoch(model, data, st, rs, epoch, lr, stage2=False):
@@ -477,7 +486,19 @@ def test_the_loop_applies_eta_lr_and_stage_2_per_epoch(tmp_path, monkeypatch, fl
     monkeypatch.setattr(allnc, "evaluate", lambda *a, **k: {"top1": 0.0})
     monkeypatch.setattr(allnc, "train_nc_metrics", lambda *a, **k: {})
     monkeypatch.setattr(allnc, "decoupled_scores", lambda *a, **k: {})
-    allnc.train(cfg, model, data, st, rs)
+    allnc.train(cfg, model, data, st, allnc.Run(cfg, model, st))
+    return cfg, model, seen
+
+
+@pytest.mark.parametrize("flags,eta", [({}, lambda T: 1 - (T / 5) ** 2), ({"gamma": 0.5}, lambda T: 1 - (T / 5) ** 0.5),
+                                       ({"no_gbbn": True}, lambda T: 0.0),
+                                       ({"fixed_gamma": True}, lambda T: 1 - ((T - 1) / 5) ** 2)])
+def test_the_loop_applies_eta_lr_and_stage_2_per_epoch(tmp_path, monkeypatch, flags, eta):
+    """What train() hands each epoch, written from the paper and the public code: eta of Eq. 13 at
+    T = 1..T_max (BBN's schedule with --fixed-gamma, 0 with --no-gbbn), kept through AllNC++'s stage 2;
+    GLMC's cosine lr, then stage 2's own cosine from --wb-stage2-lr; from stage 2 on an optimizer over
+    the head alone with --wb-stage2-wd, and MaxNorm's cap from the row norms at that point."""
+    cfg, model, seen = loop_epochs(tmp_path, monkeypatch, epochs=5, lr=0.02, **flags)
     assert [s[0] for s in seen] == list(range(1, 8)) and [s[3] for s in seen] == [False] * 5 + [True] * 2
     assert [s[2] for s in seen] == pytest.approx([eta(T) for T in range(1, 6)] + [eta(5)] * 2)
     cos = lambda base, e, n: base * 0.5 * (1 + math.cos(math.pi * e / n))
@@ -488,6 +509,17 @@ def test_the_loop_applies_eta_lr_and_stage_2_per_epoch(tmp_path, monkeypatch, fl
     assert two.param_groups[0]["weight_decay"] == 0.1 and seen[6][4] is two
     n = model.head.fc.weight.detach().norm(dim=1)
     assert seen[4][5] is None and seen[5][5] == pytest.approx((n.min() + 0.1 * (n.max() - n.min())).item())
+
+
+def test_the_loop_applies_a_warm_up_and_the_step_schedule(tmp_path, monkeypatch):
+    """--warmup 2 from half the lr (RBL-style warmup_start), then LDAM-DRW's steps at 0-based epochs 5
+    and 8 by a factor 0.1; an absolute MaxNorm cap is the threshold itself."""
+    _, _, seen = loop_epochs(tmp_path, monkeypatch, epochs=10, lr=0.1, warmup=2, warmup_start=0.5,
+                             lr_schedule="step", lr_steps="5,8", lr_step_factor=0.1, maxnorm_mode="absolute",
+                             maxnorm=0.5)
+    want = [0.075, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001]
+    assert [s[1] for s in seen[:10]] == pytest.approx(want)
+    assert seen[10][5] == 0.5
 
 
 def test_hycon_pairs_each_view_with_the_other():
@@ -555,6 +587,39 @@ def test_losses_over_two_processes_are_the_global_batch_losses():
     ew2 = (len(y) / 4) / cnt[y]
     want = (0.5 * ew2 * ((h * M.t()[y]).sum(1) - 1) ** 2).mean()
     assert ((ea + eb) / 2).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("space", ["z", "feature"])
+def test_allnc_step_over_two_processes_is_the_whole_batch_step(tmp_path, space):
+    """AllNC's step on each half of a batch, the processes' sums exchanged (PartnerDist): the mean of
+    the two processes' totals and terms is the one-process step on the whole batch (DDP averages the
+    gradients), and both update the running means to the whole batch's."""
+    import copy
+    cfg = tiny_cfg(tmp_path, alpha=0.7, p2p_space=space)
+    data = make_data(cfg)
+    torch.manual_seed(0)
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE).eval()   # BN per sample
+    (v1, v2), y = next(iter(data.train_batches(1, 2)))
+    half = len(y) // 2
+    models_ = {}
+
+    def step(views, yy, dist, key):
+        st = allnc.TrainState(cfg, data, DEVICE, dist)
+        st.eta = 0.4
+        models_[key] = copy.deepcopy(model)
+        return allnc.step_allnc(models_[key], views, yy, st)
+    whole = step([v1, v2], y, None, "whole")
+    part = lambda sl: ([v1[sl], v2[sl]], y[sl])
+    (pa, pb), parts = (PartnerDist(), PartnerDist()), (part(slice(None, half)), part(slice(half, None)))
+    step(*parts[0], pa, "ra"), step(*parts[1], pb, "rb")
+    a = step(*parts[0], PartnerDist(pb.calls), "a")
+    b = step(*parts[1], PartnerDist(pa.calls), "b")
+    assert ((a[0] + b[0]) / 2).item() == pytest.approx(whole[0].item(), rel=1e-5)
+    for k in whole[1]:
+        assert ((a[1][k] + b[1][k]) / 2).item() == pytest.approx(whole[1][k].item(), rel=1e-5, abs=1e-7), k
+    for key in ("a", "b"):
+        assert torch.allclose(models_[key].mu_run, models_["whole"].mu_run, atol=1e-5)
+        assert torch.equal(models_[key].mu_seen, models_["whole"].mu_seen)
 
 
 def test_allnc_step_against_the_paper_by_hand(tmp_path):
@@ -1008,11 +1073,12 @@ def test_cb_loss_matches_weight_balancing_formula():
     w = w / w.sum() * 3
     p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
     terms = [-w[y[i]] * (np.log(p[i, c]) if c == y[i] else np.log(1 - p[i, c])) for i in range(2) for c in range(3)]
-    assert allnc.cb_loss(logits, y, counts, beta).item() == pytest.approx(np.mean(terms), rel=1e-5)
+    assert allnc.cb_loss(logits, y, allnc.cb_weights(counts, beta)).item() == pytest.approx(np.mean(terms), rel=1e-5)
     w9 = np.array([(1 - 0.9999) / (1 - 0.9999 ** n) for n in counts])      # weight balancing's default beta
     w9 = w9 / w9.sum() * 3
-    default = [-w9[y[i]] * (np.log(p[i, c]) if c == y[i] else np.log(1 - p[i, c])) for i in range(2) for c in range(3)]
-    assert allnc.cb_loss(logits, y, counts).item() == pytest.approx(np.mean(default), rel=1e-5)
+    for y in (torch.tensor([0, 2]), torch.tensor([0, 1])):                  # the last class absent: still 3 columns
+        default = [-w9[y[i]] * (np.log(p[i, c]) if c == y[i] else np.log(1 - p[i, c])) for i in range(2) for c in range(3)]
+        assert allnc.cb_loss(logits, y, allnc.cb_weights(counts)).item() == pytest.approx(np.mean(default), rel=1e-5)
 
 
 def test_stage2_step_trains_the_head_alone_on_frozen_features(tmp_path):
@@ -1294,7 +1360,8 @@ def test_stage2_loss_runs_outside_autocast(monkeypatch):
     monkeypatch.setattr(F, "binary_cross_entropy",
                         lambda *a, **k: seen.append(torch.is_autocast_enabled(DEVICE.type)) or real(*a, **k))
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        allnc.cb_loss(torch.randn(4, 3, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE), [10, 5, 1])
+        allnc.cb_loss(torch.randn(4, 3, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE),
+                      allnc.cb_weights([10, 5, 1]).to(DEVICE))
     assert seen == [False]                   # CUDA's autocast refuses binary_cross_entropy
 
 
@@ -1302,6 +1369,8 @@ def test_warmup_defaults_and_short_run_cap():
     big = allnc.resolve(allnc.Config(dataset="imagenet_lt", imb_type="pareto"))
     assert (big.warmup, big.epochs, allnc.warmup_epochs(big)) == (10, 90, 10)
     assert allnc.warmup_epochs(allnc.resolve(allnc.Config(dataset="imagenet_lt", epochs=10))) == 2
+    short = allnc.warmup_epochs(allnc.resolve(allnc.Config(dataset="imagenet_lt", epochs=7)))
+    assert short == 1 and isinstance(short, int)                      # whole epochs: 7 // 5
 
 
 def test_tables_keep_protocols_apart_and_read_old_results(tmp_path, capsys):
