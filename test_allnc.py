@@ -78,7 +78,7 @@ MUTATION_TESTS = ("etf_gram or p2p or hycon or gbbn or grw or decoupled or etf_d
                   "or cb_loss or lr_schedule or few_is_at_most or best_epoch or two_heads or float32_under or stage2_step "
                   "or stage2_loss "
                   "or warmup_defaults or step_and_rbl or mixup or two_processes_are or ablation_flags or loop_applies "
-                  "or rbl_predicts or etf_balance_counts or warm_up_and_the_step")
+                  "or rbl_predicts or etf_balance_counts or warm_up_and_the_step or two_processes_is or feature_means")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,6 +620,29 @@ def test_allnc_step_over_two_processes_is_the_whole_batch_step(tmp_path, space):
     for key in ("a", "b"):
         assert torch.allclose(models_[key].mu_run, models_["whole"].mu_run, atol=1e-5)
         assert torch.equal(models_[key].mu_seen, models_["whole"].mu_seen)
+
+
+def test_p2p_on_feature_means_by_hand(tmp_path):
+    """--p2p-space feature: L_p(mu~) of Eq. 10 on the class means of phi(x) (the mean of the two views'
+    batch means), centred on their unweighted mean; every class seen for the first time."""
+    cfg = tiny_cfg(tmp_path, p2p_space="feature")
+    data = make_data(cfg)
+    st = allnc.TrainState(cfg, data, DEVICE)
+    torch.manual_seed(0)
+    model = allnc.build_model(cfg, data.C, data.counts, data.in_channels).to(DEVICE).eval()
+    (v1, v2), y = next(iter(data.train_batches(1, 2)))
+    with torch.no_grad():
+        f = model(torch.cat([v1, v2]))[0].double()
+    B, present = len(y), sorted(set(y.tolist()))
+    mu = torch.stack([(f[:B][y == c].mean(0) + f[B:][y == c].mean(0)) / 2 for c in present])
+    v = mu - mu.mean(0)
+    v = v / v.norm(dim=1, keepdim=True)
+    n = len(present)
+    rho = torch.full((n, n), -1 / (data.C - 1), dtype=torch.float64) + torch.eye(n, dtype=torch.float64) * (1 + 1 / (data.C - 1))
+    want = ((v @ v.t() - rho) ** 2).sum() / n ** 2
+    _, t = allnc.step_allnc(model, [v1, v2], y, st)
+    assert t["p2p_mu"].item() == pytest.approx(want.item(), rel=1e-4)
+    assert torch.allclose(model.mu_run[present].double(), mu, atol=1e-5)
 
 
 def test_allnc_step_against_the_paper_by_hand(tmp_path):
@@ -1290,6 +1313,11 @@ def test_lr_schedule_per_epoch_as_glmc_and_paco():
     assert allnc.lr_at(0, 100, 0.1, 10) == pytest.approx(0.01)
     assert allnc.lr_at(9, 100, 0.1, 10) == pytest.approx(0.1)
     assert allnc.lr_at(10, 100, 0.1, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 91)))
+    for e in range(10, 100):            # lr * 0.5 (1 + cos(pi (epoch - warmup + 1) / (epochs - warmup + 1)))
+        assert allnc.lr_at(e, 100, 0.1, 10) == pytest.approx(0.05 * (1 + math.cos(math.pi * (e - 9) / 91)), rel=1e-9)
+    for e in range(8, 600):             # RBL's run/utils.py: the same with (end - begin) = 592 in the denominator
+        want = 0.05 * (1 + math.cos(math.pi * (e - 7) / 592))
+        assert allnc.lr_at(e, 600, 0.1, 8, "cosine-rbl", warmup_start=0.5) == pytest.approx(want, rel=1e-9, abs=1e-15)
     assert allnc.resolve(allnc.Config(dataset="cifar10")).warmup == 0
 
 
