@@ -2081,7 +2081,7 @@ def test_a_finished_torchrun_process_leaves_no_process_group_threads(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(f"import os, sys\nsys.path.insert(0, {HERE!r})\nimport allnc\n"
                      "n = lambda: len(os.listdir('/proc/self/task'))\nbefore = n()\nrc = allnc.main(sys.argv[1:])\n"
-                     "print(f'threads {before} -> {n()}', flush=True)\nsys.exit(rc)\n")
+                     "sys.stdout.flush()\nos.write(1, f'\\nthreads {before} -> {n()}\\n'.encode())\nsys.exit(rc)\n")   # one write, on a line of its own
     args = [a for a in DIST_ARGS[1:] if a not in ("--device", "cpu")]      # --device auto, the default path
     args += ["--epochs", "1", "--nc-every", "0", "--out", str(tmp_path / "o")]
     r = subprocess.run([*TORCHRUN, str(probe), *args], cwd=HERE, capture_output=True, text=True, timeout=120,
@@ -2111,7 +2111,7 @@ def landing(*a, **k):
     return out
 torch.distributed.all_reduce = landing
 first, second = dist.stop_requested(), dist.stop_requested()
-print(f"rank {{rank}}: {{first}} {{second}}", flush=True)
+os.write(1, f"\\nrank {{rank}}: {{first}} {{second}}\\n".encode())   # one write, on a line of its own: the ranks share the pipe
 torch.distributed.destroy_process_group()
 """)
     r = subprocess.run([*TORCHRUN, str(probe)], cwd=HERE, capture_output=True, text=True, timeout=120,
