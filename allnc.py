@@ -590,7 +590,7 @@ def train(cfg, model, data, st, rs):
             row["test"] = {k: v for k, v in evaluate(model, data, st).items() if k != "per_class"}
         if epoch == total or (cfg.nc_every and epoch % cfg.nc_every == 0):
             row["nc"] = train_nc_metrics(model, data, st)
-        rs.end_epoch(row, model, last=epoch == total)   # best weights, progress line, checkpoint, agreed stop
+        rs.end_epoch(row, last=epoch == total)   # best weights, progress line, checkpoint, agreed stop
     final = evaluate(model, data, st)
     final["decoupled"] = decoupled_scores(model, data, st, final)
     final["nc"] = train_nc_metrics(model, data, st, icpa=True)
@@ -615,10 +615,10 @@ def train_epoch(model, data, st, rs, epoch, lr, stage2=False):
     for g in rs.opt.param_groups:
         g["lr"] = lr
     st.mix_rng = np.random.RandomState((cfg.seed * 100003 + epoch) % 2**32)
-    sums = rs.epoch_sums(epoch, st)          # a resumed epoch continues from its partial sums
+    sums = rs.epoch_sums()                   # a resumed epoch continues from its partial sums
     for i, (xs, y) in enumerate(data.train_batches(epoch, views, start=sums.step), start=sums.step):
         with st.autocast():
-            loss, terms = rs.forward(step_fn, model, xs, y, st, stage2)     # DDP around it under torchrun
+            loss, terms = rs.forward(step_fn, xs, y, stage2)     # DDP around it under torchrun
         rs.backward(loss)
         if st.maxnorm_cap is not None and cfg.maxnorm_every == "step":
             max_norm_(model.head.fc.weight, st.maxnorm_cap)
@@ -1006,20 +1006,20 @@ class Run:
                 self.say(f"stage 1 of {name} is the finished AllNC run {s1['name']}: continuing from its weights "
                          f"at stage 2")
 
-    def epoch_sums(self, epoch, st):
+    def epoch_sums(self):
         """The epoch's running loss sums: new, or a preempted epoch's (its mixup generator too)."""
         partial, self.partial = self.partial, None
         if partial:
-            st.mix_rng.set_state(partial["mix_state"])
-        return EpochSums(st.device, self.dist, partial)
+            self.st.mix_rng.set_state(partial["mix_state"])
+        return EpochSums(self.st.device, self.dist, partial)
 
-    def forward(self, step_fn, model, xs, y, st, stage2):
+    def forward(self, step_fn, xs, y, stage2):
         """The step; under torchrun inside DDP (a new wrapper per stage: other parameters take part)."""
         if not self.dist.on:
-            return step_fn(model, xs, y, st)
+            return step_fn(self.model, xs, y, self.st)
         if self.ddp_stage != stage2:
-            self.ddp, self.ddp_stage = replicate(model, st.device), stage2
-        return self.ddp(step_fn, xs, y, st)
+            self.ddp, self.ddp_stage = replicate(self.model, self.st.device), stage2
+        return self.ddp(step_fn, xs, y, self.st)
 
     def backward(self, loss):
         self.opt.zero_grad(set_to_none=True)
@@ -1040,13 +1040,13 @@ class Run:
                 self.save_checkpoint(epoch - 1, state)
             stop(f"at epoch {epoch}, step {sums.step} of {self.steps}", self.ck_path)
 
-    def end_epoch(self, row, model, last):
+    def end_epoch(self, row, last):
         """Log the epoch, keep the best test epoch's weights, print its line, checkpoint, and stop
         here if a signal is pending (agreed by every process)."""
         prev = best_epoch(self.log)
         self.log.append(row)
         if self.dist.main and "test" in row and (prev is None or row["test"]["top1"] > prev["top1"]):  # best so far
-            self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         if self.progress:
             self.progress.clear()
         self.say(progress_line(row, self.cfg.epochs + self.cfg.wb_stage2_epochs))
