@@ -76,7 +76,7 @@ MUTATION_TARGETS = ("etf_gram", "p2p_loss", "p2p_loss_raw", "hycon_sim", "hycon_
 MUTATION_TESTS = ("etf_gram or p2p or hycon or gbbn or grw or decoupled or etf_dot or ncmc_centers or logit_adjustment "
                   "or each_method_trains or eq14 or batch_class_means or paper_by_hand or nc_metrics or maxnorm_relative "
                   "or cb_loss or lr_schedule or few_is_at_most or best_epoch or two_heads or float32_under or stage2_step "
-                  "or stage2_loss "
+                  "or stage2_loss or second_heads "
                   "or warmup_defaults or step_and_rbl or mixup or two_processes_are or ablation_flags or loop_applies "
                   "or rbl_predicts or etf_balance_counts or warm_up_and_the_step or two_processes_is or feature_means")
 
@@ -645,13 +645,14 @@ def test_p2p_on_feature_means_by_hand(tmp_path):
     assert torch.allclose(model.mu_run[present].double(), mu, atol=1e-5)
 
 
-def test_allnc_step_against_the_paper_by_hand(tmp_path):
+@pytest.mark.parametrize("reduction", ["weights", "batch"])
+def test_allnc_step_against_the_paper_by_hand(tmp_path, reduction):
     """Eq. 14 on a hand-made batch, every term from the paper's formulas in this test: GRW (DisAlign's
-    weighted mean), L_p(w) on the raw rows (Eq. 11), HyCon's cross-view pairing with class means u
+    weighted mean, or GLMC's 1/B sum with --grw-reduction batch), L_p(w) on the raw rows (Eq. 11), HyCon's cross-view pairing with class means u
     (Eq. 8), L_p(mu~) over the centred, normalised class means (Eq. 10) where classes absent from the
     batch enter by their running mean, never-seen classes are left out (mu_G and the denominator), and
     the running means after the step (first sighting: the batch mean; then momentum 0.9)."""
-    cfg = tiny_cfg(tmp_path, alpha=0.7)
+    cfg = tiny_cfg(tmp_path, alpha=0.7, grw_reduction=reduction)
     C, eta, m = 10, 0.4, cfg.mean_momentum
     counts = data_lt.split_counts("synthetic", 10)
     st = allnc.TrainState(cfg, type("D", (), {"C": C, "counts": counts})(), DEVICE)
@@ -677,7 +678,7 @@ def test_allnc_step_against_the_paper_by_hand(tmp_path):
     cls, u = [], []
     for v in range(2):
         ce_i = -torch.log_softmax(logits[v * B:(v + 1) * B], 1)[torch.arange(B), y]
-        grw = (w[y.cpu()].to(ce_i) * ce_i).sum() / w[y.cpu()].sum().item()
+        grw = (w[y.cpu()].to(ce_i) * ce_i).sum() / (w[y.cpu()].sum().item() if reduction == "weights" else B)
         cls.append(eta * ce_i.mean() + (1 - eta) * (grw + p2p_w))
         zv = z[v * B:(v + 1) * B]
         u.append(torch.stack([zv[[j for j in range(B) if yl[j] == yl[i]]].mean(0) for i in range(B)]))
@@ -1380,6 +1381,25 @@ def test_logits_and_gram_are_float32_under_bf16_autocast():
     assert logits.dtype == torch.float32 and h.dtype == torch.float32
     assert torch.allclose(logits, model.head.fc(feat), atol=1e-6)
     assert g_auto.item() == pytest.approx(allnc.p2p_loss(v).item(), rel=1e-6)
+
+
+def test_second_heads_ce_term_is_float32_under_bf16_autocast(tmp_path):
+    """--heads 2: the CE term of Eq. 12 on the conventional head's logits, computed in float32 from the
+    features even when the step runs under bf16 autocast (a bf16 product would be off by about 1e-3)."""
+    cfg = tiny_cfg(tmp_path, heads=2)
+    counts = data_lt.split_counts("synthetic", 10)
+    st = allnc.TrainState(cfg, type("D", (), {"C": 10, "counts": counts})(), DEVICE)
+    torch.manual_seed(0)
+    model = allnc.build_model(cfg, 10, counts, 3).to(DEVICE).eval()
+    y = torch.arange(8, device=DEVICE) % 10
+    views = [torch.randn(8, 3, 16, 16, device=DEVICE) for _ in range(2)]
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        feat = model(torch.cat(views))[0]
+        _, t = allnc.step_allnc(model, views, y, st)
+    fc = model.head.fc_ce
+    logits = feat.double() @ fc.weight.double().t() + fc.bias.double()
+    ce = [F.cross_entropy(logits[v * 8:(v + 1) * 8], y) for v in range(2)]
+    assert t["ce"].item() == pytest.approx(((ce[0] + ce[1]) / 2).item(), rel=1e-5)
 
 
 def test_stage2_loss_runs_outside_autocast(monkeypatch):
