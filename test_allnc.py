@@ -1228,32 +1228,44 @@ def test_run_all_list_covers_every_table():
 
 
 def test_run_all_smoke_end_to_end_prints_tables(tmp_path, capsys):
-    """Every listed configuration trained on the stand-in data: Table VII through run_all.sh for real
-    (its processes, logs, skip on rerun), the others through allnc.main() in this process (the same
-    arguments; 69 interpreter start-ups saved), then the tables from the JSONs."""
+    """run_all.sh's smoke list: every configuration parsed and resolved as allnc.py would (84 lines, 74
+    distinct runs); Table VII through run_all.sh for real (its processes, logs, skip on rerun); one run of
+    every other kind (each table, dataset, method and recipe; Table V's balanced data; alpha 0) through
+    allnc.main() in this process; then the tables from the JSONs. The configurations left untrained
+    differ from a trained one only in --imb or --gamma, which resolve() and the split tests check."""
     res = str(tmp_path / "res")
     env = {"SCALE": "smoke", "RESULTS": res, "SEEDS": "0"}
     listed = run_all("--list", **env)
     assert listed.returncode == 0, listed.stderr
     lines = [l for l in listed.stdout.splitlines() if l.startswith(("Table", "Fig"))]
+    assert len(lines) == 84
     assert sum("IMAGENET_LT_ROOT is not set" in l for l in lines) == 3 and sum("INAT2018_ROOT is not set" in l for l in lines) == 3
-    ran = set()
+    names, train = set(), []
+    for l in lines:
+        if "allnc.py" not in l:
+            continue
+        args = l.split("allnc.py", 1)[1].split("--seed")[0].split() + ["--seed", "0", "--out", res]
+        cfg, extra = allnc.parse_args(args)
+        allnc.resolve(cfg, extra["explicit"])
+        names.add(allnc.run_name(cfg))
+        kind = l.split()[0] + " " + l.split()[1]
+        if (kind == "Table II" and cfg.imb == 100) or kind == "Table V" or (kind == "Fig. 8" and cfg.alpha == 0) \
+                or (kind == "Table VI" and cfg.imb == 200 and cfg.gamma == 0.5):
+            train.append((l, args, allnc.run_name(cfg)))
+    assert len(names) == 74                     # 78 runnable lines, shared between tables
+    assert len(train) == 18
     torch.set_num_threads(1)                       # as run_all.sh's runs (OMP_NUM_THREADS=1)
     try:
-        for l in lines:
-            if "allnc.py" not in l or l.startswith("Table VII"):
-                continue
-            args = l.split("allnc.py", 1)[1].split("--seed")[0].split() + ["--seed", "0", "--out", res]
+        for l, args, _ in train:
             assert allnc.main(args) == 0, l
-            ran.add(tuple(args))
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
     r = run_all("--only", "VII", timeout=600, **env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("| top1") + r.stdout.count("skip (done)") == 5       # one shares Table II's run
+    assert r.stdout.count("| top1") == 4 and r.stdout.count("skip (done)") == 1     # one is Table II's run
     capsys.readouterr()
     runs, bad = allnc.collect(res)
-    assert len(runs) == 74 and not bad          # 84 listed configurations, 10 shared between tables
+    assert len(runs) == 22 and not bad
     assert allnc.main(["--tables", res]) == 0
     out = capsys.readouterr().out
     for head in ("Table II:", "Table III:", "Table IV:", "Table V:", "Table VI:", "Table VII:", "Fig. 8:", "All runs:"):
@@ -1263,7 +1275,9 @@ def test_run_all_smoke_end_to_end_prints_tables(tmp_path, capsys):
     ours = [l for l in vii.splitlines() if "| ours" in l]
     assert len(ours) == 5 and all(l.rstrip(" |").split("|")[-1].strip() != "-" for l in ours)   # All filled
     t2 = out[out.index("Table II: top-1"):out.index("Table III:")]
-    assert all("-" not in l.split("| ours  |")[1].replace("±", "") for l in t2.splitlines() if "| ours  |" in l)
+    ours = [[c.strip() for c in l.split("| ours  |")[1].split("|")[:8]] for l in t2.splitlines() if "| ours  |" in l]
+    assert len(ours) == 6, t2                     # imb 200/100/50/10 on CIFAR-10, then CIFAR-100: only 100 trained
+    assert all([c != "-" for c in row] == [False, True, False, False] * 2 for row in ours), t2
     again = run_all("--only", "VII", timeout=300, **env)
     assert again.returncode == 0 and again.stdout.count("skip (done)") == 5
 
