@@ -2055,8 +2055,9 @@ def print_all_runs(runs):
     for r in runs:
         c = r["config"]
         net = f"{c['depth']}x{c.get('width', 16)}" if c["arch"] == "resnet_cifar" else c["arch"]
-        key = (c["dataset"], c["imb"], c["method"], variant(c), c["epochs"], net)
-        groups.setdefault(key, []).append(r)
+        extra = protocol_key(c)[5]             # e.g. grw_reduction=batch: never averaged with the default's seeds
+        key = (c["dataset"], c["imb"], c["method"], " ".join(filter(None, (variant(c), extra))), c["epochs"], net)
+        groups.setdefault(key + (protocol_key(c),), []).append(r)
     nc = ("nc1", "cos_mu_std", "cos_w_std", "self_duality")
     print("\nAll runs: top-1 (%) mean±std over seeds (final epoch; 'best All' = best test epoch), net = depth x width,"
           " and NC metrics at the end of training (mean over seeds)")
@@ -2068,7 +2069,7 @@ def print_all_runs(runs):
         rs = groups[key]
         accs = [cell(mean_std(rs, k), 11) for k in SHOTS] + [cell(mean_std(rs, "top1", "best"), 11)]
         ncs = [f"{sum(r['final']['nc'][k] for r in rs) / len(rs):12.4f}" for k in nc]
-        d, imb, m, v, ep, net = key
+        d, imb, m, v, ep, net, _ = key
         print(f"| {d:<11} | {imb:>5g} | {m:<8} | {v:<18} | {ep:>4} | {str(net):>6} | {len(rs):>5} | "
               + " | ".join(accs) + " | " + " | ".join(ncs) + " |")
 

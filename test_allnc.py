@@ -1451,6 +1451,13 @@ def test_tables_keep_protocols_apart_and_read_old_results(tmp_path, capsys):
     allnc.print_tables(str(tmp_path))
     out = capsys.readouterr().out
     assert out.count("==== protocol:") == 2 and "width 64" in out and "width 16" in out
+    batch = json.loads(json.dumps(r16)) | {"name": "batch"}     # the same run under GLMC's GRW reduction
+    batch["config"]["grw_reduction"] = "batch"
+    (tmp_path / "batch.json").write_text(json.dumps(batch))
+    allnc.print_tables(str(tmp_path))
+    rows = [l for l in capsys.readouterr().out.split("All runs:")[1].splitlines() if l.startswith("| synthetic")]
+    assert len(rows) == 3 and sum("grw_reduction=batch" in l for l in rows) == 1     # each its own row, 1 seed
+    assert all(l.split("|")[7].strip() == "1" for l in rows), rows
 
 
 # ----------------------------------------------------------------------------------------------
