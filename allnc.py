@@ -2055,9 +2055,9 @@ def print_all_runs(runs):
     for r in runs:
         c = r["config"]
         net = f"{c['depth']}x{c.get('width', 16)}" if c["arch"] == "resnet_cifar" else c["arch"]
-        extra = protocol_key(c)[5]             # e.g. grw_reduction=batch: never averaged with the default's seeds
-        key = (c["dataset"], c["imb"], c["method"], " ".join(filter(None, (variant(c), extra))), c["epochs"], net)
-        groups.setdefault(key + (protocol_key(c),), []).append(r)
+        pk = protocol_key(c)                   # its non-default fields (pk[5], e.g. grw_reduction=batch) named:
+        v = " ".join(filter(None, (variant(c), pk[5])))     # never averaged with the default's seeds
+        groups.setdefault((c["dataset"], c["imb"], c["method"], v, c["epochs"], net, pk), []).append(r)
     nc = ("nc1", "cos_mu_std", "cos_w_std", "self_duality")
     print("\nAll runs: top-1 (%) mean±std over seeds (final epoch; 'best All' = best test epoch), net = depth x width,"
           " and NC metrics at the end of training (mean over seeds)")
