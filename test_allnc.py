@@ -1,6 +1,6 @@
 """Tests of the AllNC reproduction: losses against hand-computed values and known optima, splits,
 the real loaders on tiny files, NC metrics against an independent float64 computation, training,
-resume, bad input, and run_all.sh. Run: python -m pytest -q test_allnc.py"""
+resume, bad input, and run_all.sh. Run: python -m pytest -q -n 2 test_allnc.py"""
 import dataclasses
 from contextlib import nullcontext
 import json
@@ -27,11 +27,36 @@ PY = sys.executable
 # the benchmark, resume) on a GPU; CI leaves it unset and everything runs on the CPU.
 DEV = os.environ.get("ALLNC_TEST_DEVICE", "cpu")
 DEVICE = torch.device(DEV)
+# The README's command runs the tests on two pytest-xdist workers (-n 2, one per core): each worker,
+# and every process its tests start (OMP_NUM_THREADS), then takes its share of the cores instead of
+# all of them.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if WORKERS:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 def cli(*args, cwd=HERE, timeout=600, env=None):
     return subprocess.run([PY, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def main_here(capsys, *args, threads=None):
+    """`python allnc.py args` as allnc.main(args) in this process (no interpreter to start): its exit
+    code and what it printed, as cli() returns them. One real command line per behaviour stays a cli()
+    case (what only a real process shows: no traceback, the exit status). threads: run it with that
+    many (a run compared bit for bit with one started with OMP_NUM_THREADS)."""
+    capsys.readouterr()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        rc = allnc.main(list(args))
+    except SystemExit as e:                   # argparse: a bad choice or type
+        rc = e.code
+    finally:
+        torch.set_num_threads(before)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
 
 
 RUN_ALL_VARS = ("SCALE", "SEEDS", "RESULTS", "GPUS", "CUDA_VISIBLE_DEVICES", "JOBS", "WIDTH", "EXTRA", "NPROC",
@@ -1149,11 +1174,11 @@ def test_corrupt_result_is_rerun_not_reported(tmp_path):
     assert allnc.collect(str(tmp_path))[1] == []
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, capsys):
     args = ["allnc.py", "--dataset", "synthetic", "--imb", "10", "--epochs", "4", "--depth", "8",
             "--nc-every", "2", "--device", "cpu", "--name", "r"]
     env = {"OMP_NUM_THREADS": "1"}
-    full = cli(*args, "--out", str(tmp_path / "a"), env=env)
+    full = main_here(capsys, *args[1:], "--out", str(tmp_path / "a"), threads=1)
     assert full.returncode == 0, full.stderr
     out_b = tmp_path / "b"
     proc = subprocess.Popen([PY, *args, "--out", str(out_b)], cwd=HERE, env={**os.environ, **env},
@@ -1176,8 +1201,11 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     (["--imb", "0.5"], "below 1"), (["--dataset", "imagenet"], "invalid choice"),
     (["--method", "foo"], "invalid choice"), (["--epochs", "-3"], "positive"),
     (["--depth", "30"], "6n+2"), (["--tables", "/nonexistent"], "not a directory")])
-def test_bad_input_one_line_exit_2(args, needle):
-    r = cli("allnc.py", "--dataset", "synthetic", *args)
+def test_bad_input_one_line_exit_2(capsys, args, needle):
+    if args[0] in ("--imb", "--dataset"):        # a real command line: a check in resolve() and one of argparse's
+        r = cli("allnc.py", "--dataset", "synthetic", *args)
+    else:
+        r = main_here(capsys, "--dataset", "synthetic", *args)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -1187,11 +1215,11 @@ def test_import_has_no_side_effects(tmp_path):
     assert r.returncode == 0 and os.listdir(tmp_path) == []
 
 
-def test_plot_needs_matplotlib_or_draws(tmp_path):
+def test_plot_needs_matplotlib_or_draws(tmp_path, capsys):
     cfg = tiny_cfg(tmp_path, epochs=2, nc_every=1)
     allnc.run(cfg, quiet=True)
     path = str(tmp_path / (allnc.run_name(cfg) + ".json"))
-    r = cli("allnc.py", "--plot", path, "--out", str(tmp_path / "fig"))
+    r = main_here(capsys, "--plot", path, "--out", str(tmp_path / "fig"))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -1229,9 +1257,10 @@ def test_run_all_list_covers_every_table():
 
 def test_run_all_smoke_end_to_end_prints_tables(tmp_path, capsys):
     """run_all.sh's smoke list: every configuration parsed and resolved as allnc.py would (84 lines, 74
-    distinct runs); Table VII through run_all.sh for real (its processes, logs, skip on rerun); one run of
-    every other kind (each table, dataset, method and recipe; Table V's balanced data; alpha 0) through
-    allnc.main() in this process; then the tables from the JSONs. The configurations left untrained
+    distinct runs); Table VII through run_all.sh for real (its processes, logs, and the skip of a
+    finished run: one of its five is Table II's, trained before); one run of every other kind (each
+    table, dataset, method and recipe; Table V's balanced data; alpha 0) through allnc.main() in this
+    process; then the tables from the JSONs. The configurations left untrained
     differ from a trained one only in --imb or --gamma, which resolve() and the split tests check."""
     res = str(tmp_path / "res")
     env = {"SCALE": "smoke", "RESULTS": res, "SEEDS": "0"}
@@ -1254,12 +1283,13 @@ def test_run_all_smoke_end_to_end_prints_tables(tmp_path, capsys):
             train.append((l, args, allnc.run_name(cfg)))
     assert len(names) == 74                     # 78 runnable lines, shared between tables
     assert len(train) == 18
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)                       # as run_all.sh's runs (OMP_NUM_THREADS=1)
     try:
         for l, args, _ in train:
             assert allnc.main(args) == 0, l
     finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
     r = run_all("--only", "VII", timeout=600, **env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("| top1") == 4 and r.stdout.count("skip (done)") == 1     # one is Table II's run
@@ -1278,8 +1308,6 @@ def test_run_all_smoke_end_to_end_prints_tables(tmp_path, capsys):
     ours = [[c.strip() for c in l.split("| ours  |")[1].split("|")[:8]] for l in t2.splitlines() if "| ours  |" in l]
     assert len(ours) == 6, t2                     # imb 200/100/50/10 on CIFAR-10, then CIFAR-100: only 100 trained
     assert all([c != "-" for c in row] == [False, True, False, False] * 2 for row in ours), t2
-    again = run_all("--only", "VII", timeout=300, **env)
-    assert again.returncode == 0 and again.stdout.count("skip (done)") == 5
 
 
 def test_bf16_autocast_path_runs(tmp_path):
@@ -1703,8 +1731,8 @@ def test_sigterm_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, monkeyp
     assert strip(again["log"]) == strip(full["log"])
 
 
-def test_real_sigterm_exits_143_and_resumes(tmp_path):
-    args = ["allnc.py", "--dataset", "synthetic", "--imb", "10", "--epochs", "6", "--depth", "8", "--nc-every", "0",
+def test_real_sigterm_exits_143_and_resumes(tmp_path, capsys):
+    args = ["allnc.py", "--dataset", "synthetic", "--imb", "10", "--epochs", "4", "--depth", "8", "--nc-every", "0",
             "--device", "cpu", "--name", "r", "--out", str(tmp_path)]
     proc = subprocess.Popen([PY, *args], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -1714,17 +1742,17 @@ def test_real_sigterm_exits_143_and_resumes(tmp_path):
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143 and "stopped by SIGTERM" in err and "run the same command" in err, err
     assert not (tmp_path / "r.json").exists()
-    again = cli(*args)
+    again = main_here(capsys, *args[1:])
     assert again.returncode == 0 and "resuming r from epoch" in again.stdout
 
 
-def test_second_process_on_the_same_run_skips(tmp_path):
+def test_second_process_on_the_same_run_skips(tmp_path, capsys):
     import fcntl
     cfg = tiny_cfg(tmp_path, epochs=1, nc_every=0, name="r")
-    with open(tmp_path / "r.lock", "a") as holder:
+    with open(tmp_path / "r.lock", "a") as holder:     # flock is per open file: the run's own open is refused too
         fcntl.flock(holder, fcntl.LOCK_EX)
-        r = cli("allnc.py", "--dataset", "synthetic", "--imb", "10", "--epochs", "1", "--depth", "8", "--name", "r",
-                "--device", "cpu", "--out", str(tmp_path))
+        r = main_here(capsys, "--dataset", "synthetic", "--imb", "10", "--epochs", "1", "--depth", "8", "--name", "r",
+                      "--device", "cpu", "--out", str(tmp_path))
         assert r.returncode == 0 and r.stdout.startswith("skip (running elsewhere)")
         assert not (tmp_path / "r.json").exists()
     assert allnc.run(cfg, quiet=True)["complete"]                  # the lock died with its holder
@@ -1755,11 +1783,11 @@ def test_disk_full_keeps_previous_checkpoint_and_result(tmp_path, monkeypatch):
     assert (tmp_path / "r.json").read_text() == before and done["complete"]
 
 
-def test_tables_on_empty_dir_and_plot_on_wrong_file(tmp_path):
+def test_tables_on_empty_dir_and_plot_on_wrong_file(tmp_path, capsys):
     r = cli("allnc.py", "--tables", str(tmp_path))
     assert r.returncode == 2 and "no finished result" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     (tmp_path / "x.json").write_text("{}")
-    r = cli("allnc.py", "--plot", str(tmp_path / "x.json"), "--out", str(tmp_path / "f"))
+    r = main_here(capsys, "--plot", str(tmp_path / "x.json"), "--out", str(tmp_path / "f"))
     assert r.returncode == 2 and "not a finished result" in r.stderr and "matplotlib" not in r.stderr
 
 
@@ -1885,10 +1913,10 @@ def test_large_icpa_matrices_live_beside_the_json(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Results a user can reuse (issue 13)
 
-def test_weights_kept_and_eval_reproduces_the_run(tmp_path):
+def test_weights_kept_and_eval_reproduces_the_run(tmp_path, capsys):
     args = ["--dataset", "synthetic", "--imb", "10", "--epochs", "2", "--depth", "8", "--device", "cpu",
             "--name", "r", "--out", str(tmp_path)]
-    run = cli("allnc.py", *args)
+    run = main_here(capsys, *args)
     assert run.returncode == 0, run.stderr
     res = json.loads((tmp_path / "r.json").read_text())
     w = res["weights"]
@@ -1906,7 +1934,7 @@ def test_weights_kept_and_eval_reproduces_the_run(tmp_path):
     assert again["final"]["top1"] == res["final"]["top1"] and again["final"]["per_class"] == res["final"]["per_class"]
     data = (tmp_path / "r.pt").read_bytes()
     (tmp_path / "r.pt").write_bytes(data[: len(data) // 2])          # truncated
-    bad = cli("allnc.py", "--eval", str(tmp_path / "r.pt"))
+    bad = main_here(capsys, "--eval", str(tmp_path / "r.pt"))
     assert bad.returncode == 2 and "sha256" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     other = allnc.build_model(tiny_cfg(tmp_path, method="ce", width=8), 10, [5] * 10, 3)
     torch.save(other.state_dict(), tmp_path / "other.pt")
@@ -1915,9 +1943,9 @@ def test_weights_kept_and_eval_reproduces_the_run(tmp_path):
         allnc.load_weights(model, str(tmp_path / "other.pt"), torch.device("cpu"))
 
 
-def test_compare_table_holds_both_runs_numbers(tmp_path):
-    r = cli("allnc.py", "--dataset", "synthetic", "--imb", "10", "--epochs", "1", "--depth", "8", "--device", "cpu",
-            "--out", str(tmp_path), "--compare", "ce")
+def test_compare_table_holds_both_runs_numbers(tmp_path, capsys):
+    r = main_here(capsys, "--dataset", "synthetic", "--imb", "10", "--epochs", "1", "--depth", "8", "--device", "cpu",
+                  "--out", str(tmp_path), "--compare", "ce")
     assert r.returncode == 0, r.stderr
     runs = {x["config"]["method"]: x for x in allnc.collect(str(tmp_path))[0]}
     assert set(runs) == {"allnc", "ce"} and runs["allnc"]["n_train"] == runs["ce"]["n_train"]
@@ -2087,13 +2115,13 @@ def loss_rows(result):
 @pytest.mark.parametrize("extra", [["--method", "allnc", "--epochs", "3"],
                                    ["--method", "etf", "--mixup", "1", "--epochs", "2"],
                                    ["--method", "allnc++", "--epochs", "2", "--wb-stage2-epochs", "1"]])
-def test_two_processes_train_the_run_of_one(tmp_path, extra):
+def test_two_processes_train_the_run_of_one(tmp_path, capsys, extra):
     """torchrun with 2 CPU processes and the same global batch gives one process's per-epoch loss terms,
     accuracy, NC metrics and running class means. The tolerance is float summation order: changing only
     the thread count of one process (1 vs 2) moved AllNC's loss terms by up to 7e-5 (relative) over 3
     epochs, 2 processes by 1.2e-4 to 1.9e-4; per-process class means (no global_sum) moved them by 0.16,
     BatchNorm without synchronisation by 0.047. 2e-3 lies between."""
-    one = cli(*DIST_ARGS, *extra, "--out", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})   # as torchrun's
+    one = main_here(capsys, *DIST_ARGS[1:], *extra, "--out", str(tmp_path / "one"), threads=1)   # as torchrun's
     two = torchrun(*DIST_ARGS, *extra, "--out", str(tmp_path / "two"))
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "two")) == ["r.best.pt", "r.json", "r.lock", "r.pt"]   # rank 0 writes
@@ -2187,7 +2215,7 @@ def rank_pid(marker, rank):
 
 
 def test_killed_rank_stops_the_run_and_the_rerun_resumes(tmp_path):
-    args = [*DIST_ARGS, "--epochs", "8", "--nc-every", "0", "--eval-every", "4", "--out", str(tmp_path)]
+    args = [*DIST_ARGS, "--epochs", "4", "--nc-every", "0", "--eval-every", "2", "--out", str(tmp_path)]
     proc = subprocess.Popen([*TORCHRUN, *args], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = tmp_path / "r.ckpt"
     wait_for(ck.exists, proc, "the first checkpoint")
@@ -2197,26 +2225,36 @@ def test_killed_rank_stops_the_run_and_the_rerun_resumes(tmp_path):
     assert proc.wait(timeout=60) != 0                     # the run fails, nothing hangs
     assert not (tmp_path / "r.json").exists(), "the run finished before a rank could be killed"
     saved = torch.load(ck, weights_only=False)            # the last epoch checkpoint is intact
-    assert 1 <= saved["epoch"] < 8 and len(saved["log"]) == saved["epoch"]
+    assert 1 <= saved["epoch"] < 4 and len(saved["log"]) == saved["epoch"]
     again = torchrun(*args)
     assert again.returncode == 0 and f"resuming r from epoch {saved['epoch']}" in again.stdout, again.stderr[-3000:]
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["complete"] and r["world_size"] == 2 and [row["epoch"] for row in r["log"]] == list(range(1, 9))
+    assert r["complete"] and r["world_size"] == 2 and [row["epoch"] for row in r["log"]] == list(range(1, 5))
     assert r["log"][:saved["epoch"]] == saved["log"]
 
 
-def test_torchrun_launch_errors_one_line_exit_2(tmp_path):
+def test_torchrun_launch_errors_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """A bad launch: one line, exit 2, before any process group exists. The first case is a real
+    command line; the rest run allnc.main() here with torchrun's variables set."""
     base = ["allnc.py", "--dataset", "synthetic", "--epochs", "1", "--out", str(tmp_path / "o")]
     full = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
-    for env, extra, needle in [({"RANK": "0", "WORLD_SIZE": "2"}, [], "torchrun environment is incomplete"),
-                               (full, ["--batch-size", "63"], "does not split over 2 processes"),
-                               (full, ["--device", "cpu", "--dist-backend", "nccl"], "--dist-backend nccl"),
-                               (full, ["--device", "cuda:0"], "each process takes cuda:LOCAL_RANK"),
-                               (full, ["--tables", str(tmp_path)], "runs in one process")]:
-        r = cli(*base, *extra, env=env)
+
+    def launched(env, *extra):
+        for k in allnc.TORCHRUN_ENV:
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        return main_here(capsys, *base[1:], *extra)
+    for i, (env, extra, needle) in enumerate([
+            ({"RANK": "0", "WORLD_SIZE": "2"}, [], "torchrun environment is incomplete"),
+            (full, ["--batch-size", "63"], "does not split over 2 processes"),
+            (full, ["--device", "cpu", "--dist-backend", "nccl"], "--dist-backend nccl"),
+            (full, ["--device", "cuda:0"], "each process takes cuda:LOCAL_RANK"),
+            (full, ["--tables", str(tmp_path)], "runs in one process")]):
+        r = cli(*base, *extra, env=env) if i == 0 else launched(env, *extra)
         assert r.returncode == 2 and needle in r.stderr, (extra, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    r = cli(*base, "--batch-size", "63", env=full | {"RANK": "1", "LOCAL_RANK": "1"})
+    r = launched(full | {"RANK": "1", "LOCAL_RANK": "1"}, "--batch-size", "63")
     assert r.returncode == 2 and r.stderr == ""              # one line per machine: local rank 0's
     assert sorted(os.listdir(tmp_path)) == []
 
