@@ -728,23 +728,24 @@ def nc_metrics(features, labels, W, b=None, icpa=False, chunk=8192):
     mu = sums / cnt.clamp(min=1)[:, None]
     mu_g = mu[present].mean(0)
     Mc = (mu - mu_g)[present]                                   # centered class means
-    Sw = torch.zeros(d, d, dtype=torch.float64, device=features.device)
+    # NC1 = tr(Sigma_W Sigma_B^+) / C. Sigma_B = Mc^T Mc / C has rank < C: its pseudo-inverse is
+    # sum_i v_i v_i^T / lambda_i over Mc's right singular vectors, so only Sigma_W's d x k block
+    # along them is needed (no d x d matrix: NCMC's features have f*C dimensions)
+    _, sv, Vh = torch.linalg.svd(Mc, full_matrices=False)
+    evals = sv ** 2 / len(Mc)                                   # Sigma_B's non-zero eigenvalues
+    keep = evals > evals.max() * max(d, C) * torch.finfo(torch.float64).eps * 1e3
+    V, evals = Vh[keep].t(), evals[keep]
+    within = torch.zeros(len(evals), dtype=torch.float64, device=features.device)   # v_i^T Sigma_W v_i * N
     agree = 0.0
     Wd, bd = W.to(features.device), (b.detach().double().to(features.device) if b is not None else None)
     for i in range(0, len(features), chunk):
         f, yy = features[i:i + chunk].double(), labels[i:i + chunk]
-        r = f - mu[yy]
-        Sw += r.t() @ r
+        within += ((f - mu[yy]) @ V).square().sum(0)
         logits = f @ Wd.t() + (bd if bd is not None else 0)
         near = torch.cdist(f, mu[present]).argmin(1)
         agree += (logits[:, present].argmax(1) == near).sum().item()
-    Sw /= len(features)
-    Sb = Mc.t() @ Mc / len(Mc)
-    evals, evecs = torch.linalg.eigh(Sb)                       # symmetric pseudo-inverse of Sigma_B
-    keep = evals > evals.max() * max(d, C) * torch.finfo(torch.float64).eps * 1e3
-    Sb_pinv = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].t()
     Wp = Wd[present]
-    out = {"nc1": torch.trace(Sw @ Sb_pinv).item() / len(Mc)}
+    out = {"nc1": (within / len(features) / evals).sum().item() / len(Mc)}
     for key, V in (("mu", Mc), ("w", Wp - Wp.mean(0))):
         Vn = F.normalize(V, dim=1)
         cos = Vn @ Vn.t()

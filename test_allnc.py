@@ -1028,13 +1028,15 @@ def test_nc_metrics_on_exactly_collapsed_features():
     assert m["icpa_mu"][0][1] == pytest.approx(math.degrees(math.acos(-1 / 9)), abs=0.01)
 
 
-@pytest.mark.parametrize("C,d", [(10, 32), (100, 64)])      # (100, 64): C-1 > d, CIFAR-100 with ResNet-32
-def test_nc_metrics_match_independent_float64(C, d):
+# (100, 64): C-1 > d, CIFAR-100 with ResNet-32; (12, 300): d far above C as NCMC's f*C features, read
+# in chunks of 7 samples
+@pytest.mark.parametrize("C,d,chunk", [(10, 32, 8192), (100, 64, 8192), (12, 300, 7)])
+def test_nc_metrics_match_independent_float64(C, d, chunk):
     g = torch.Generator().manual_seed(C)
     labels = torch.arange(C).repeat_interleave(6)
     feats = torch.randn(C, d, generator=g)[labels] * 2 + torch.randn(len(labels), d, generator=g)
     W = torch.randn(C, d, generator=g)
-    m = allnc.nc_metrics(feats, labels, W)
+    m = allnc.nc_metrics(feats, labels, W, chunk=chunk)
     ref = reference_nc(feats, labels, W)
     assert m["nc1"] == pytest.approx(ref["nc1"], rel=1e-6)
     assert (m["cos_mu_mean"], m["cos_mu_std"]) == pytest.approx(ref["cos_mu"], rel=1e-6)
