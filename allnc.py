@@ -12,6 +12,7 @@ Equation numbers are the paper's. Importing this module trains nothing and downl
 """
 import argparse
 import dataclasses
+import errno
 import hashlib
 import importlib
 import json
@@ -839,29 +840,36 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def check_writable_dir(path):
-    """The --out directory exists or can be made, and is writable; leaves nothing behind."""
-    made, p = [], os.path.abspath(path)
-    while not os.path.exists(p):
-        made.append(p)
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise DataError(f"--out {path}: {p} is a file, not a directory; choose another --out")
-    try:
-        for d in reversed(made):
-            os.mkdir(d)
-        probe = os.path.join(os.path.abspath(path), f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise DataError(f"--out {path} cannot be created or written ({e.strerror}); choose a writable directory") from None
-    finally:
-        for d in made:
-            try:
-                os.rmdir(d)
-            except OSError:
+def check_writable_dir(path, attempts=20):
+    """The --out directory exists or can be made, and is writable; leaves nothing behind. The
+    processes of one torchrun launch check the same new directory at once, so another may make it
+    (EEXIST) or remove it (ENOENT) under this one: not a fault of the directory, so check again."""
+    for attempt in range(attempts):
+        made, created, p = [], [], os.path.abspath(path)
+        while not os.path.exists(p):
+            made.append(p)
+            p = os.path.dirname(p)
+        if not os.path.isdir(p):
+            raise DataError(f"--out {path}: {p} is a file, not a directory; choose another --out")
+        try:
+            for d in reversed(made):
+                os.mkdir(d)
+                created.append(d)
+            probe = os.path.join(os.path.abspath(path), f".write-test-{os.getpid()}")
+            with open(probe, "w"):
                 pass
+            os.remove(probe)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOENT) or attempt == attempts - 1:
+                raise DataError(f"--out {path} cannot be created or written ({e.strerror}); "
+                                f"choose a writable directory") from None
+        finally:
+            for d in reversed(created):          # only what this process made, deepest first
+                try:
+                    os.rmdir(d)
+                except OSError:                  # another process's probe is in it: that one goes on
+                    pass
 
 
 def apply_recipe(cfg, explicit=()):

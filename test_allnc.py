@@ -2203,6 +2203,40 @@ def test_finished_torchrun_launches_exit_0_every_time(tmp_path):
         assert (out / "r.json").exists()
 
 
+def test_ranks_checking_one_new_out_dir_at_once_both_pass(tmp_path, monkeypatch):
+    """Every process of a torchrun launch checks that --out can be made and written before the
+    process group exists; for a new directory they race (one launch in about 50 suite runs failed:
+    'cannot be created or written (No such file or directory)'). Both races, made deterministic:
+    the other process removes the directory before this one's probe file is opened (ENOENT), and
+    makes it between this one's look and its mkdir (EEXIST). A real fault still fails."""
+    out = tmp_path / "new" / "out"
+    real_open, opened = open, []
+
+    def other_removes_it(path, *a, **k):
+        if not opened:
+            os.rmdir(out)                              # the other process's cleanup, just before this open
+        opened.append(path)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(allnc, "open", other_removes_it, raising=False)
+    allnc.check_writable_dir(str(out))
+    assert len(opened) == 2 and not (tmp_path / "new").exists()        # checked again; nothing left
+    monkeypatch.undo()
+    real_mkdir, made = os.mkdir, []
+
+    def other_makes_it(path, *a):
+        if not made:
+            real_mkdir(path, *a)                       # the other process's mkdir, just before this one
+        made.append(path)
+        return real_mkdir(path, *a)
+    monkeypatch.setattr(os, "mkdir", other_makes_it)
+    allnc.check_writable_dir(str(out))
+    assert made == [str(tmp_path / "new"), str(out)] and not out.exists()    # EEXIST, checked again
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(data_lt.DataError, match="is a file, not a directory"):
+        allnc.check_writable_dir(str(tmp_path / "file" / "out"))
+
+
 def rank_pid(marker, rank):
     """The pid of the torchrun worker of `rank` whose command line contains `marker`."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
