@@ -1280,6 +1280,17 @@ class Dist:
         """This process's share of a global batch (equal shares) -> the whole global batch."""
         return self.gather(t, len(t) * self.world)
 
+    def local_first(self, load):
+        """load() on each machine's local rank 0 first, then on its other processes: a dataset that
+        it downloads is on disk for them (one download, not one per process into the same folder)."""
+        if self.on and self.local_rank != 0:
+            torch.distributed.barrier(group=self.cpu_group)
+        try:
+            return load()
+        finally:                     # also when it fails: the others then fail on their own, saying why
+            if self.on and self.local_rank == 0:
+                torch.distributed.barrier(group=self.cpu_group)
+
     def broadcast(self, obj):
         """Rank 0's obj (a checkpoint, a decision) on every process."""
         if not self.on:
@@ -1492,7 +1503,7 @@ def train_run(cfg, name, res_path, device, dist, say, quiet):
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = data_lt.Data(cfg, device, VIEWS[cfg.method], dist.rank, dist.world)
+    data = dist.local_first(lambda: data_lt.Data(cfg, device, VIEWS[cfg.method], dist.rank, dist.world))
     st = TrainState(cfg, data, device, dist)
     model = build_model(cfg, data.C, data.counts, data.in_channels)
     if dist.on:                  # BatchNorm statistics of the global batch
@@ -2219,11 +2230,12 @@ STRESS_RUN = ["--dataset", "synthetic", "--imb", "10", "--depth", "8", "--batch-
 
 def torchrun_launch(out, epochs, nodes=1):
     """Popen of the tiny 2-process run: one node of 2 processes, or 2 nodes of 1 on this host;
-    standard error goes to out/stderr-N.log."""
+    standard error goes to out/stderr-N.log. The run's --out is out/run, new at the first launch as
+    a user's usually is (the processes check it at once)."""
     here = os.path.abspath(__file__)
     err = lambda r: open(os.path.join(out, f"stderr-{r}.log"), "a")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    args = STRESS_RUN + ["--epochs", str(epochs), "--out", out]
+    args = STRESS_RUN + ["--epochs", str(epochs), "--out", os.path.join(out, "run")]
     run = [sys.executable, "-m", "torch.distributed.run"]
     if nodes == 1:
         return [subprocess.Popen(run + ["--standalone", "--nproc-per-node", "2", here] + args, env=env,
@@ -2248,10 +2260,12 @@ def torchrun_stress(n, kinds):
         ok, t0 = 0, time.time()
         for i in range(n):
             with tempfile.TemporaryDirectory() as out:
+                run = os.path.join(out, "run")
                 if kind == "sigterm":
                     p, = torchrun_launch(out, 4)
                     deadline = time.time() + 120
-                    while not any(f.endswith(".ckpt") for f in os.listdir(out)) and p.poll() is None and time.time() < deadline:
+                    ckpt = lambda: os.path.isdir(run) and any(f.endswith(".ckpt") for f in os.listdir(run))
+                    while not ckpt() and p.poll() is None and time.time() < deadline:
                         time.sleep(0.05)
                     p.send_signal(signal.SIGTERM)
                     first = p.wait()

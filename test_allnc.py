@@ -2295,6 +2295,31 @@ def test_torchrun_launch_errors_one_line_exit_2(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == []
 
 
+def test_each_machines_first_process_loads_the_data_before_the_others(monkeypatch):
+    """Under torchrun the processes of a machine must not all download a missing dataset into the
+    same folder at once: local rank 0 loads first, the others after a barrier (also when its load
+    fails, so that they fail on their own instead of waiting). One process: no barrier."""
+    calls = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda group=None: calls.append("barrier"))
+
+    def load():
+        calls.append("load")
+        return "data"
+    for local, want in ((0, ["load", "barrier"]), (1, ["barrier", "load"])):
+        calls.clear()
+        assert allnc.Dist(local, 2, local, "gloo", None).local_first(load) == "data" and calls == want, local
+    calls.clear()
+
+    def fails():
+        calls.append("load")
+        raise data_lt.DataError("download failed")
+    with pytest.raises(data_lt.DataError):
+        allnc.Dist(0, 2, 0, "gloo", None).local_first(fails)
+    assert calls == ["load", "barrier"]
+    calls.clear()
+    assert allnc.Dist().local_first(load) == "data" and calls == ["load"]
+
+
 def test_rank_parts_of_each_batch_are_the_single_process_batch():
     shares = [data_lt.rank_part(8, r, 4) for r in range(4)]
     assert [list(range(8))[s] for s in shares] == [[0, 1], [2, 3], [4, 5], [6, 7]]
