@@ -735,13 +735,13 @@ def nc_metrics(features, labels, W, b=None, icpa=False, chunk=8192):
     _, sv, Vh = torch.linalg.svd(Mc, full_matrices=False)
     evals = sv ** 2 / len(Mc)                                   # Sigma_B's non-zero eigenvalues
     keep = evals > evals.max() * max(d, C) * torch.finfo(torch.float64).eps * 1e3
-    V, evals = Vh[keep].t(), evals[keep]
+    basis, evals = Vh[keep].t(), evals[keep]
     within = torch.zeros(len(evals), dtype=torch.float64, device=features.device)   # v_i^T Sigma_W v_i * N
     agree = 0.0
     Wd, bd = W.to(features.device), (b.detach().double().to(features.device) if b is not None else None)
     for i in range(0, len(features), chunk):
         f, yy = features[i:i + chunk].double(), labels[i:i + chunk]
-        within += ((f - mu[yy]) @ V).square().sum(0)
+        within += ((f - mu[yy]) @ basis).square().sum(0)
         logits = f @ Wd.t() + (bd if bd is not None else 0)
         near = torch.cdist(f, mu[present]).argmin(1)
         agree += (logits[:, present].argmax(1) == near).sum().item()
@@ -844,8 +844,9 @@ def check_writable_dir(path, attempts=20):
     """The --out directory exists or can be made, and is writable; leaves nothing behind. The
     processes of one torchrun launch check the same new directory at once, so another may make it
     (EEXIST) or remove it (ENOENT) under this one: not a fault of the directory, so check again."""
+    target = os.path.abspath(path)
     for attempt in range(attempts):
-        made, created, p = [], [], os.path.abspath(path)
+        made, created, p = [], [], target
         while not os.path.exists(p):
             made.append(p)
             p = os.path.dirname(p)
@@ -855,7 +856,7 @@ def check_writable_dir(path, attempts=20):
             for d in reversed(made):
                 os.mkdir(d)
                 created.append(d)
-            probe = os.path.join(os.path.abspath(path), f".write-test-{os.getpid()}")
+            probe = os.path.join(target, f".write-test-{os.getpid()}")
             with open(probe, "w"):
                 pass
             os.remove(probe)
@@ -2228,14 +2229,13 @@ STRESS_RUN = ["--dataset", "synthetic", "--imb", "10", "--depth", "8", "--batch-
               "--no-augment", "--nc-every", "0"]
 
 
-def torchrun_launch(out, epochs, nodes=1):
-    """Popen of the tiny 2-process run: one node of 2 processes, or 2 nodes of 1 on this host;
-    standard error goes to out/stderr-N.log. The run's --out is out/run, new at the first launch as
-    a user's usually is (the processes check it at once)."""
+def torchrun_launch(out, run, epochs, nodes=1):
+    """Popen of the tiny 2-process run into --out run: one node of 2 processes, or 2 nodes of 1 on
+    this host; standard error goes to out/stderr-N.log."""
     here = os.path.abspath(__file__)
     err = lambda r: open(os.path.join(out, f"stderr-{r}.log"), "a")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    args = STRESS_RUN + ["--epochs", str(epochs), "--out", os.path.join(out, "run")]
+    args = STRESS_RUN + ["--epochs", str(epochs), "--out", run]
     run = [sys.executable, "-m", "torch.distributed.run"]
     if nodes == 1:
         return [subprocess.Popen(run + ["--standalone", "--nproc-per-node", "2", here] + args, env=env,
@@ -2260,9 +2260,9 @@ def torchrun_stress(n, kinds):
         ok, t0 = 0, time.time()
         for i in range(n):
             with tempfile.TemporaryDirectory() as out:
-                run = os.path.join(out, "run")
+                run = os.path.join(out, "run")     # new at the first launch, as a user's usually is
                 if kind == "sigterm":
-                    p, = torchrun_launch(out, 4)
+                    p, = torchrun_launch(out, run, 4)
                     deadline = time.time() + 120
                     ckpt = lambda: os.path.isdir(run) and any(f.endswith(".ckpt") for f in os.listdir(run))
                     while not ckpt() and p.poll() is None and time.time() < deadline:
@@ -2270,13 +2270,13 @@ def torchrun_stress(n, kinds):
                     p.send_signal(signal.SIGTERM)
                     first = p.wait()
                     log = open(os.path.join(out, "stderr-0.log")).read()
-                    ps = torchrun_launch(out, 4)
+                    ps = torchrun_launch(out, run, 4)
                     codes = (first, ps[0].wait())
                     # torchrun itself ends with its own SignalException (exit 1); the processes stop
                     # at an agreed step, write the checkpoint and exit 143, and the same command resumes
                     good = "stopped by SIGTERM" in log and "terminate called" not in log and codes[1] == 0
                 else:
-                    ps = torchrun_launch(out, 2, nodes=2 if kind == "nodes2" else 1)
+                    ps = torchrun_launch(out, run, 2, nodes=2 if kind == "nodes2" else 1)
                     codes = tuple(q.wait() for q in ps)
                     good = set(codes) == {0}
                 ok += good

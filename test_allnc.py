@@ -2205,7 +2205,7 @@ def test_finished_torchrun_launches_exit_0_every_time(tmp_path):
 
 def test_ranks_checking_one_new_out_dir_at_once_both_pass(tmp_path, monkeypatch):
     """Every process of a torchrun launch checks that --out can be made and written before the
-    process group exists; for a new directory they race (one launch in about 50 suite runs failed:
+    process group exists; for a new directory they race (a launch of one full suite run failed:
     'cannot be created or written (No such file or directory)'). Both races, made deterministic:
     the other process removes the directory before this one's probe file is opened (ENOENT), and
     makes it between this one's look and its mkdir (EEXIST). A real fault still fails."""
