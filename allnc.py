@@ -85,6 +85,9 @@ class Config:
                     "Linear-BN-ReLU-Linear", choices=("linear", "mlp"))
     proj_dim: int = opt(128, "output size of proj1 (z) and proj2 (h)")
     pred_hidden: int = opt(64, "hidden size of proj2 with --proj mlp (SimSiam bottleneck)")
+    head_init: str = opt(None, "learned Linear layers of heads and projections: kaiming (kaiming_normal_, GLMC's and "
+                         "LDAM-DRW's CIFAR ResNet, default on CIFAR-scale sets) | torch (PyTorch's default; GLMC's "
+                         "ImageNet-LT/iNat models, default there)", choices=("kaiming", "torch"))
     # AllNC (Eq. 8-14)
     gamma: float = opt(2.0, "GBBN exponent gamma of Eq. 13")
     alpha: float = opt(1.0, "weight alpha of L_con + L_p(mu~) in Eq. 14 (paper gives no default)")
@@ -115,6 +118,9 @@ class Config:
     wb_stage2_lr: float = opt(0.01, "allnc++: stage-2 learning rate (cosine over the stage)")
     wb_stage2_wd: float = opt(0.1, "allnc++: stage-2 weight decay")
     wb_cb_beta: float = opt(0.9999, "allnc++: stage-2 class-balanced loss beta (effective number of samples)")
+    wb_stage2_bn: str = opt("batch", "allnc++: the frozen encoder's BatchNorm in stage 2: batch (train mode, batch "
+                            "statistics, running statistics re-estimated: trainval.py's model.train()) | frozen "
+                            "(eval mode, stage 1's statistics)", choices=("batch", "frozen"))
     # baselines
     etf_balance: bool = opt(True, "etf: the per-batch Ew class-balance factor of the public code (GivenEw)")
     mixup: float = opt(0.0, "input mixup Beta(a, a) for ce/etf/rbl/ncmc (0 = off; ETF's recipe: 1.0)")
@@ -156,8 +162,8 @@ class Config:
 
 # The paper's values by dataset (Sec. V-B: CIFAR-LT, and ImageNet-LT / iNaturalist with PaCo's
 # schedule), used where a flag is not given. Widths: GLMC's ResNet-32 on CIFAR (nf=64); 16 elsewhere.
-_CIFAR = dict(epochs=200, batch_size=64, lr=0.01, wd=5e-3, warmup=0, arch="resnet_cifar", width=16)
-_BIG = dict(batch_size=128, lr=0.1, wd=2e-4, warmup=10, width=16)
+_CIFAR = dict(epochs=200, batch_size=64, lr=0.01, wd=5e-3, warmup=0, arch="resnet_cifar", width=16, head_init="kaiming")
+_BIG = dict(batch_size=128, lr=0.1, wd=2e-4, warmup=10, width=16, head_init="torch")
 DATASET_DEFAULTS = {
     "cifar10": _CIFAR | {"width": 64}, "cifar100": _CIFAR | {"width": 64}, "fmnist": _CIFAR, "synthetic": _CIFAR,
     "imagenet_lt": _BIG | {"epochs": 90, "arch": "resnext50"}, "inat2018": _BIG | {"epochs": 100, "arch": "resnet50"},
@@ -344,7 +350,7 @@ def build_model(cfg, C, counts, in_channels):
                 d, C, models.ncmc_center_counts(counts, cfg.ncmc_f, cfg.ncmc_centers == "aware"),
                 cfg.ncmc_f, cfg.ncmc_theta, cfg.seed)}[cfg.method]()
     allnc = cfg.method.startswith("allnc")
-    model = models.Net(enc, head, cfg.proj_dim if allnc else 0, cfg.pred_hidden, cfg.proj)
+    model = models.Net(enc, head, cfg.proj_dim if allnc else 0, cfg.pred_hidden, cfg.proj, cfg.head_init)
     if allnc:
         model.register_buffer("mu_run", torch.zeros(C, cfg.proj_dim if cfg.p2p_space == "z" else d))
         model.register_buffer("mu_seen", torch.zeros(C, dtype=torch.bool))
@@ -436,9 +442,10 @@ def step_single(model, views, y, st):
 
 
 def step_stage2(model, views, y, st):
-    """AllNC++ stage 2 (weight balancing's demo 2): classifier only, frozen encoder (BN too),
-    class-balanced loss."""
-    model.encoder.eval()
+    """AllNC++ stage 2 (weight balancing's demo 2): classifier only, class-balanced loss. The encoder's
+    weights are frozen; its BatchNorm runs in train mode as trainval.py's model.train() leaves it
+    (batch statistics, running statistics re-estimated), or in eval mode with --wb-stage2-bn frozen."""
+    model.encoder.train(st.cfg.wb_stage2_bn == "batch")
     with torch.no_grad():
         feat = model.encoder(views[0]).float()
     with torch.autocast(feat.device.type, enabled=False):
@@ -505,9 +512,11 @@ def warmup_epochs(cfg):
 
 def lr_for(cfg, epoch):
     """The learning rate of 1-based `epoch`, set once per epoch: stage 1's schedule (--lr-schedule
-    after the warm-up), then AllNC++'s stage 2, a cosine from --wb-stage2-lr over its own epochs."""
+    after the warm-up), then AllNC++'s stage 2, a cosine from --wb-stage2-lr over its own epochs, stepped
+    before each epoch as trainval.py's schedulerW.step(): stage-2 epoch k of K at lr (1 + cos(pi k / K)) / 2,
+    the last at 0."""
     if epoch > cfg.epochs:
-        return lr_at(epoch - cfg.epochs - 1, cfg.wb_stage2_epochs, cfg.wb_stage2_lr, 0, "cosine")
+        return lr_at(epoch - cfg.epochs, cfg.wb_stage2_epochs, cfg.wb_stage2_lr, 0, "cosine")
     return lr_at(epoch - 1, cfg.epochs, cfg.lr, warmup_epochs(cfg), cfg.lr_schedule, parse_steps(cfg.lr_steps),
                  cfg.lr_step_factor, cfg.warmup_start)
 
@@ -829,7 +838,7 @@ RULES = {
 _ALLNC_ONLY = ("gamma", "alpha", "grw_rho", "grw_reduction", "mean_momentum", "p2p_space", "p2p_w", "no_hycon",
                "no_p2p", "no_gbbn", "fixed_gamma", "heads", "proj", "proj_dim", "pred_hidden")
 _STAGE2_ONLY = ("maxnorm", "maxnorm_mode", "maxnorm_every", "maxnorm_stage1", "wb_stage2_epochs", "wb_stage2_lr",
-                "wb_stage2_wd", "wb_cb_beta")
+                "wb_stage2_wd", "wb_cb_beta", "wb_stage2_bn")
 METHOD_ONLY = {**{k: ("allnc", "allnc++") for k in _ALLNC_ONLY}, **{k: ("allnc++",) for k in _STAGE2_ONLY},
                "etf_balance": ("etf",), "rbl_tau": ("rbl",),
                **{k: ("ncmc",) for k in ("ncmc_f", "ncmc_theta", "ncmc_centers")},
@@ -1522,7 +1531,7 @@ def train_run(cfg, name, res_path, device, dist, say, quiet):
     say(f"{name}: {data.n_train()} training images, {data.C} classes, {steps} steps/epoch, device {device}{procs}, "
         f"amp {st.dtype or 'off'}, loader {cfg.loader}")
     final = train(cfg, model, data, st, rs)
-    result = {"version": 2, "name": name, "world_size": dist.world, "config": dataclasses.asdict(cfg),
+    result = {"version": RESULT_VERSION, "name": name, "world_size": dist.world, "config": dataclasses.asdict(cfg),
               "counts": data.counts, "n_train": data.n_train(), "device": str(device), "log": rs.log, "final": final,
               "best": best_epoch(rs.log), "complete": True}
     if dist.main:
@@ -1633,7 +1642,7 @@ def reevaluate(path, device="auto"):
     final = evaluate(model, data, st)
     final["decoupled"] = decoupled_scores(model, data, st, final)
     final["nc"] = train_nc_metrics(model, data, st)
-    return upgrade_result(r | {"final": final}), wpath
+    return r | {"final": final}, wpath
 
 
 def load_weights(model, path, device):
@@ -1659,6 +1668,10 @@ def progress_line(r, total):
 
 # ==============================================================================================
 # Printed tables: one run, and the paper's tables from a results directory
+
+# Results of another version were run under another protocol (version 3: the heads' kaiming
+# initialisation and AllNC++'s stage 2 as weight balancing's trainval.py): tables leave them out.
+RESULT_VERSION = 3
 
 NC_KEYS = ("nc1", "cos_mu_std", "cos_w_std", "cos_mu_mean", "cos_w_mean", "equinorm_mu", "equinorm_w",
            "self_duality", "ncc_agreement")
@@ -1713,23 +1726,6 @@ def protocol_key(cfg):
               "mean_momentum")
     extra = " ".join(f"{k}={cfg[k]}" for k in fields if k in cfg and cfg[k] != Config.__dataclass_fields__[k].default)
     return (protocol_line(cfg), cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["wd"], extra)
-
-
-def upgrade_result(r):
-    """Read results written before the protocol change (version 1) as today's: shot groups
-    recomputed from the per-class accuracies (Few was < 20 then), randaug named."""
-    c = r["config"]
-    if isinstance(c.get("randaug"), bool):
-        c["randaug"] = "torchvision" if c["randaug"] else "none"
-    c.setdefault("lt_subset", "first")
-    c.setdefault("width", 16)
-    c.setdefault("grw_reduction", "batch")      # the defaults before GRW as cited and Eq. 11 as written
-    c.setdefault("p2p_w", "unit")
-    if r.get("version", 1) < 2:
-        acc = torch.tensor(r["final"]["per_class"], dtype=torch.float64)
-        for g, m in shot_groups(r["counts"]).items():
-            r["final"][g] = acc[m].mean().item() if m.any() else None
-    return r
 
 
 def run_table(res):
@@ -1814,12 +1810,16 @@ def compare_table(a, b):
 
 
 def collect(results_dir):
-    """Finished results by config; partial or corrupt files are reported, never used."""
+    """Finished results of this version; partial or corrupt files, and results written under an
+    earlier version's protocol (never averaged with today's), are reported by name, never used."""
     runs, bad = [], []
     for fn in sorted(os.listdir(results_dir)):
         if fn.endswith(".json"):
             r = load_result(os.path.join(results_dir, fn))
-            (runs if r else bad).append(upgrade_result(r) if r else fn)
+            if r and r.get("version") == RESULT_VERSION:
+                runs.append(r)
+            else:
+                bad.append(fn + ("" if r is None else f" (version {r.get('version', 1)}: an earlier protocol)"))
     return runs, bad
 
 
@@ -1857,7 +1857,7 @@ def print_tables(results_dir):
     runs, bad = collect(results_dir)
     smoke = any(r["config"]["smoke"] for r in runs)
     W = 13
-    print(f"Results in {results_dir}: {len(runs)} finished runs" + (f", {len(bad)} partial/corrupt ignored: "
+    print(f"Results in {results_dir}: {len(runs)} finished runs" + (f", {len(bad)} not tabulated (partial, corrupt or of an earlier version): "
           f"{', '.join(bad)}" if bad else "") + ". ours = mean±std over seeds; paper = the paper's printed value.")
     if smoke:
         print("SMOKE results: generated stand-in data, tiny budgets; the numbers only show the pipeline works.")
@@ -2171,7 +2171,7 @@ def plot(paths, out_dir):
                 nc.update({k: v.float().tolist() for k, v in torch.load(icpa_path, weights_only=True).items()})
             except Exception:
                 raise DataError(f"{icpa_path} (the ICPA matrices of {p}) is missing or unreadable") from None
-        runs.append(upgrade_result(r))
+        runs.append(r)
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -256,9 +256,12 @@ class Net(nn.Module):
 
     proj 'linear': GLMC's projection_head Linear(d, 128) and contrast_head Linear(128, 128);
     proj 'mlp': SimSiam-style Linear-BN-ReLU-Linear (d -> 4d -> 128 and 128 -> 64 -> 128).
-    The head always runs in float32 (autocast off): logits and the features it sees are exact."""
+    The head always runs in float32 (autocast off): logits and the features it sees are exact.
+    head_init 'kaiming': every learned Linear of the head and projections gets kaiming_normal_ weights
+    (std sqrt(2 / fan_in)), as GLMC's and LDAM-DRW's self.apply(_weights_init) over the whole CIFAR
+    model; biases, fixed frames and RBL's orthogonal rotation keep their own initialisation."""
 
-    def __init__(self, encoder, head, proj_dim=0, pred_hidden=0, proj="linear"):
+    def __init__(self, encoder, head, proj_dim=0, pred_hidden=0, proj="linear", head_init="torch"):
         super().__init__()
         self.encoder, self.head = encoder, head
         d = encoder.out_dim
@@ -266,6 +269,11 @@ class Net(nn.Module):
         if proj_dim:
             self.proj1 = nn.Linear(d, proj_dim) if proj == "linear" else mlp(d, 4 * d, proj_dim)
             self.proj2 = nn.Linear(proj_dim, proj_dim) if proj == "linear" else mlp(proj_dim, pred_hidden, proj_dim)
+        if head_init == "kaiming":
+            for part in (head, self.proj1, self.proj2):
+                for m in part.modules() if part is not None else ():
+                    if isinstance(m, nn.Linear) and not nn.utils.parametrize.is_parametrized(m):
+                        nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x):
         feat = self.encoder(x).float()
