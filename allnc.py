@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -772,19 +771,27 @@ def nc_metrics(features, labels, W, b=None, icpa=False, chunk=8192):
 
 
 @torch.no_grad()
-def train_nc_metrics(model, data, st, icpa=False):
-    """NC metrics of the classifier input h on the un-augmented training set (one float32 pass)."""
+def training_h(model, data):
+    """The classifier's input h on this process's part of the un-augmented training set, as w sees
+    it (NCMC's unit-normalised features), and the labels."""
     model.eval()
     hs, ys = [], []
-    for x, y in data.plain(train=True):
-        h = model(x)[2].float()
-        hs.append(F.normalize(h, dim=1) if isinstance(model.head, models.MultiCenterHead) else h)   # what w sees
-        ys.append(y)
+    with torch.no_grad():
+        for x, y in data.plain(train=True):
+            h = model(x)[2].float()
+            hs.append(F.normalize(h, dim=1) if isinstance(model.head, models.MultiCenterHead) else h)
+            ys.append(y)
     model.train()
-    head = model.head
+    return torch.cat(hs), torch.cat(ys)
+
+
+def train_nc_metrics(model, data, st, icpa=False):
+    """NC metrics of the classifier input h on the un-augmented training set (one float32 pass)."""
+    h, y = training_h(model, data)
     n = data.n_plain(train=True)            # under torchrun: every process's part, in order
-    return nc_metrics(st.dist.gather(torch.cat(hs), n), st.dist.gather(torch.cat(ys), n),
-                      head.classifier_weight().float(), head.classifier_bias(), icpa=icpa)
+    head = model.head
+    return nc_metrics(st.dist.gather(h, n), st.dist.gather(y, n), head.classifier_weight().float(),
+                      head.classifier_bias(), icpa=icpa)
 
 
 # ##############################################################################################
@@ -847,6 +854,46 @@ METHOD_ONLY = {**{k: ("allnc", "allnc++") for k in _ALLNC_ONLY}, **{k: ("allnc++
 
 def flag(name):
     return "--" + name.replace("_", "-")
+
+
+def memory_needed(cfg, info):
+    """Bytes one training process needs at least, by the flag that sets them, estimated before any
+    allocation: parameters with gradients and momentum (x 3), NCMC's frame and centers (its QR while
+    it is built: about 3 copies more), and one batch's activations (two per block output, a floor)."""
+    C, d, p = info.num_classes, feature_dim(cfg), cfg.proj_dim
+    with torch.device("meta"):
+        enc = sum(t.numel() for t in models.encoder_for(cfg.arch, cfg.depth, info.channels, cfg.width).parameters())
+    head = {"rbl": d * 256 + max(256, C) ** 2, "etf": d * C, "ncmc": 0}.get(cfg.method, d * C * cfg.heads)
+    frame = proj = 0
+    if cfg.method == "ncmc":                          # frame f*C x dim (4 copies while built), centers C x k x dim
+        dim, f = max(d, cfg.ncmc_f * C), cfg.ncmc_f
+        counts = data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type, cfg.n_max) if info.kind == "tensor" else None
+        k = max(models.ncmc_center_counts(counts, f, cfg.ncmc_centers == "aware")) if counts else f - 1
+        frame = 3 * d * dim * (dim != d) + 4 * f * C * dim + C * k * dim
+    if cfg.method.startswith("allnc"):
+        proj = d * p + p * p if cfg.proj == "linear" else 4 * d * d + 4 * d * p + 2 * p * cfg.pred_hidden
+    if cfg.arch == "resnet_cifar":
+        n, s = (cfg.depth - 2) // 6, info.size
+        act = cfg.width * s * s + sum(2 * n * k * cfg.width * (s >> i) ** 2 for i, k in enumerate((1, 2, 4)))
+    else:
+        act = 8_000_000                               # a ResNet-50 at 224 px, per image
+    return {"--width": 12 * (enc + head), "--proj-dim": 12 * proj, "--ncmc-f": 4 * frame,
+            "--batch-size": 4 * act * cfg.batch_size * VIEWS[cfg.method]}
+
+
+def check_memory(cfg, info):
+    """Refuse a run whose model, frame or batch cannot fit in this machine's (or GPU's) memory."""
+    dev = pick_device(cfg.device)
+    if dev.type == "cuda":
+        limit, where = torch.cuda.get_device_properties(dev).total_memory, "GPU memory"
+    else:
+        limit, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
+    parts = memory_needed(cfg, info)
+    if sum(parts.values()) > limit:
+        worst = max(parts, key=parts.get)
+        raise DataError(f"{worst} {getattr(cfg, worst[2:].replace('-', '_'))}: the run needs about "
+                        f"{sum(parts.values()) / 2**30:.1f} GiB ({worst}: {parts[worst] / 2**30:.1f} GiB), more than "
+                        f"this machine's {limit / 2**30:.1f} GiB of {where}; give a smaller {worst}")
 
 
 def check_writable_dir(path, attempts=20):
@@ -939,16 +986,12 @@ def resolve(cfg, explicit=()):
         cfg.loader = "pil" if big else "tensor"
     if big and cfg.loader == "tensor":
         raise DataError(f"{cfg.dataset} is an ImageFolder dataset; use --loader pil")
-    try:
-        dev = torch.device("cpu" if cfg.device == "auto" else cfg.device)
-    except RuntimeError:
-        raise DataError(f"--device {cfg.device!r} unknown; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {cfg.device} but no CUDA device is available; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DataError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    pick_device(cfg.device)
     if cfg.nesterov and cfg.momentum == 0:
         raise DataError("--nesterov needs --momentum > 0")
+    if cfg.cutout > info.size:                 # larger than the image: most images blanked, all from 2 x size
+        raise DataError(f"--cutout {cfg.cutout}: a hole larger than the {info.size}-pixel images of {cfg.dataset} "
+                        f"blanks most of them; give --cutout {info.size} or less (RBL's recipe: 16 on 32-pixel CIFAR)")
     if cfg.method == "ncmc" and C > 100:
         raise DataError(f"ncmc's frame needs f x C = {cfg.ncmc_f * C} dimensions for {C} classes; it is "
                         f"implemented for up to 100 classes (CIFAR-100)")
@@ -959,6 +1002,7 @@ def resolve(cfg, explicit=()):
     for k in ("train_list", "test_list"):
         if getattr(cfg, k) is not None and not os.path.isfile(getattr(cfg, k)):
             raise DataError(f"{flag(k)} {getattr(cfg, k)} does not exist; give the split list file or leave it out")
+    check_memory(cfg, info)
     check_writable_dir(cfg.out)
     if cfg.method != "allnc++":
         cfg.wb_stage2_epochs = 0
@@ -1051,6 +1095,7 @@ class Run:
             self.opt.step()
 
     def between_steps(self, epoch, sums):
+        end_setup()                   # a first step is done: a signal now stops at a step boundary
         if self.progress is not None:
             self.progress(epoch, sums.step, sums.imgs, sums.elapsed())
         if self.dist.stop_requested(sums.step):
@@ -1213,6 +1258,13 @@ class NonFinite(Exception):
 
 
 STOP = {"signal": None}        # set by the signal handler; read between steps (a Python flag, no sync)
+SETUP = {"release": None}      # until the first step: guard_setup's release
+
+
+def end_setup():
+    if SETUP["release"] is not None:
+        SETUP["release"]()
+        SETUP["release"] = None
 
 
 class Interrupted(Exception):
@@ -1223,6 +1275,34 @@ def on_signal(signum, frame):
     """First SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second one: default action."""
     STOP["signal"] = signum
     signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+
+def guard_setup():
+    """Until the run's first step a stop signal ends the process at once, with one line and the
+    signal's exit code: nothing is trained yet, so there is nothing to checkpoint, and the Python
+    handler would only run after a long C call (a large frame, a compile) returns. CPython's C-level
+    handler writes the signal number to the wakeup pipe at once; a thread watches it. Returns the
+    release, called after the first step (from then on the handler stops at a step boundary)."""
+    import threading
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    released = threading.Event()
+
+    def watch():
+        with os.fdopen(r, "rb", buffering=0) as pipe:
+            while (b := pipe.read(1)) and not released.is_set():
+                if b[0] in (signal.SIGTERM, signal.SIGINT):
+                    print(f"stopped by {signal.Signals(b[0]).name} before the first training step: nothing was "
+                          f"trained or written; run the same command to start", file=sys.stderr, flush=True)
+                    os._exit(128 + b[0])
+    old = signal.set_wakeup_fd(w)
+    threading.Thread(target=watch, daemon=True).start()
+
+    def release():
+        released.set()
+        signal.set_wakeup_fd(old)
+        os.close(w)
+    return release
 
 
 def stop(where, ck_path):
@@ -1317,8 +1397,8 @@ class Dist:
         if step is not None and step % STOP_CHECK_EVERY:
             return False
         # Decide on the agreed value alone: a signal that lands after the snapshot below (even between
-        # the all_reduce and the return) must not make this process stop while the others go on (it
-        # did: one SIGTERM launch in 50 ended with rank 0 losing rank 1); it is seen at the next agreement.
+        # the all_reduce and the return) must not make this process stop while the others go on; it is
+        # seen at the next agreement.
         flag = torch.tensor([STOP["signal"] or 0])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.cpu_group)
         agreed = int(flag.item())
@@ -1361,8 +1441,6 @@ def setup_distributed(cfg):
         return Dist()
     rank, world, local = env
     check_split(cfg, world)
-    if cfg.device.startswith("cuda:"):
-        raise DataError(f"--device {cfg.device}: under torchrun each process takes cuda:LOCAL_RANK; give --device cuda")
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if cuda else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
@@ -1414,11 +1492,17 @@ def replicate(model, device):
 # The run: locks, skip or resume, train, write; re-evaluation
 
 def pick_device(name):
+    """--device as a torch.device ('auto': CUDA if there is one); DataError if it is not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name!r} unknown; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {name} but no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -1482,10 +1566,12 @@ def run(cfg, quiet=False, dist=None):
     except ValueError:            # not the main thread: no handlers, no graceful stop
         handlers = {}
     STOP["signal"] = None
+    SETUP["release"] = guard_setup() if handlers else None
     try:
         done = finished_result(cfg, res_path, dist, say)
         return done or train_run(cfg, name, res_path, device, dist, say, quiet)
     finally:
+        end_setup()
         for s, h in handlers.items():
             signal.signal(s, h)
         if lock is not None:
@@ -1616,14 +1702,9 @@ def load_stage1(cfg, say):
     return {"name": name, "log": log, "model": load(files["final"]), "best_model": load(files["best"]) if best else None}
 
 
-def reevaluate(path, device="auto"):
-    """--eval: rebuild the model of a finished result from its stored config and kept weights
-    (RESULT.json: the final weights; NAME.pt / NAME.best.pt: those), re-evaluate on the test set."""
-    which = "best" if path.endswith(".best.pt") else "final"
-    json_path = path if path.endswith(".json") else path[:-len(".best.pt" if which == "best" else ".pt")] + ".json"
-    r = load_result(json_path)
-    if r is None:
-        raise DataError(f"{json_path} is not a finished result JSON of allnc.py; --eval needs a run's JSON or weights")
+def kept_model(json_path, r, which="final", device="auto"):
+    """The model of finished result r (read from json_path) rebuilt from its stored config with its
+    kept weights, checked against their recorded sha256: (data, state, model, weights path)."""
     w = (r.get("weights") or {}).get(which)
     if w is None:
         raise DataError(f"{json_path} records no {which} weights (runs before weights were kept); re-run it with --force")
@@ -1639,6 +1720,18 @@ def reevaluate(path, device="auto"):
     st = TrainState(cfg, data, dev)
     model = build_model(cfg, data.C, data.counts, data.in_channels).to(dev)
     load_weights(model, wpath, dev)
+    return data, st, model, wpath
+
+
+def reevaluate(path, device="auto"):
+    """--eval: rebuild the model of a finished result from its stored config and kept weights
+    (RESULT.json: the final weights; NAME.pt / NAME.best.pt: those), re-evaluate on the test set."""
+    which = "best" if path.endswith(".best.pt") else "final"
+    json_path = path if path.endswith(".json") else path[:-len(".best.pt" if which == "best" else ".pt")] + ".json"
+    r = load_result(json_path)
+    if r is None:
+        raise DataError(f"{json_path} is not a finished result JSON of allnc.py; --eval needs a run's JSON or weights")
+    data, st, model, wpath = kept_model(json_path, r, which, device)
     final = evaluate(model, data, st)
     final["decoupled"] = decoupled_scores(model, data, st, final)
     final["nc"] = train_nc_metrics(model, data, st)
@@ -1708,53 +1801,60 @@ def table2_gamma(dataset, imb):
     return TABLE2_GAMMA.get((dataset, int(imb)), 2.0)
 
 
-def fnum(v, w=6):
-    return f"{v:{w}.2f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+def fnum(v):
+    return f"{v:.2f}" if isinstance(v, (int, float)) else "-"
+
+
+def format_table(head, rows):
+    """The one table format of every printed table: '| a | b |' rows under a rule, the first column
+    left-aligned, the others right-aligned; cells are strings, formatted by the caller."""
+    rows = [[str(c) for c in r] for r in rows]
+    w = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(cells)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in rows])
 
 
 def protocol_line(cfg):
     """The protocol choices a table's numbers depend on, printed with every table."""
-    net = (f"ResNet-{cfg['depth']} width {cfg.get('width', 16)}" if cfg["arch"] == "resnet_cifar" else cfg["arch"])
-    return (f"{net}, heads {cfg.get('heads', 1)}, RandAugment {cfg.get('randaug', 'torchvision')}, "
-            f"LT subset {cfg.get('lt_subset', 'first')}, warm-up {cfg['warmup']}, recipe {cfg.get('recipe', 'allnc')}"
-            + (f", N_max {cfg['n_max']}" if cfg.get("n_max") else ""))
+    net = f"ResNet-{cfg['depth']} width {cfg['width']}" if cfg["arch"] == "resnet_cifar" else cfg["arch"]
+    return (f"{net}, heads {cfg['heads']}, RandAugment {cfg['randaug']}, LT subset {cfg['lt_subset']}, "
+            f"warm-up {cfg['warmup']}, recipe {cfg['recipe']}" + (f", N_max {cfg['n_max']}" if cfg["n_max"] else ""))
+
+
+PROTOCOL_FIELDS = ("proj", "head_init", "maxnorm", "maxnorm_mode", "maxnorm_every", "maxnorm_stage1", "wb_stage2_bn",
+                   "grw_reduction", "p2p_w", "mean_momentum")
 
 
 def protocol_key(cfg):
-    """Everything besides method, data and the ablations that changes what a run computes."""
-    fields = ("proj", "maxnorm", "maxnorm_mode", "maxnorm_every", "maxnorm_stage1", "grw_reduction", "p2p_w",
-              "mean_momentum")
-    extra = " ".join(f"{k}={cfg[k]}" for k in fields if k in cfg and cfg[k] != Config.__dataclass_fields__[k].default)
+    """Everything besides method, data and the ablations that changes what a run computes; a field
+    off its default (the dataset's, else Config's) is named."""
+    default = lambda k: DATASET_DEFAULTS[cfg["dataset"]].get(k, Config.__dataclass_fields__[k].default)
+    extra = " ".join(f"{k}={cfg[k]}" for k in PROTOCOL_FIELDS if cfg[k] != default(k))
     return (protocol_line(cfg), cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["wd"], extra)
 
 
 def run_table(res):
     """The table printed at the end of a run: accuracy (final and best epoch), NC metrics, config."""
-    cfg, fin, best = res["config"], res["final"], res.get("best") or {}
-    key = (cfg["dataset"], int(cfg["imb"]))
-    paper = PAPER["II"].get(cfg["method"], {}).get(key) if not any(cfg[a] for a in ABLATIONS) else None
-    bhead = f"best (ep {best['epoch']})" if best else "best"
-    lines = [f"{cfg['method']} on {cfg['dataset']} (imb {cfg['imb']:g}, {cfg['imb_type']}), {res['n_train']} train "
-             f"images, {cfg['epochs']} epochs, seed {cfg['seed']}{'  [SMOKE: generated stand-in data]' if cfg['smoke'] else ''}",
-             protocol_line(cfg) + "; Few = classes with <= 20 training images (paper), few<20 = BCL's split",
-             f"| {'metric':<14} | {'final':>8} | {bhead:>13} | {'paper':>8} |",
-             f"|{'-' * 16}|{'-' * 10}|{'-' * 15}|{'-' * 10}|"]
-    for k in SHOTS + ("few_bcl",):
-        label = "few<20 (BCL)" if k == "few_bcl" else k
-        lines.append(f"| {label:<14} | {fnum(fin.get(k), 8)} | {fnum(best.get(k), 13)} | "
-                     f"{fnum(paper if k == 'top1' else None, 8)} |")
-    for k in NC_KEYS:
-        lines.append(f"| {k:<14} | {fin['nc'][k]:8.4f} | {'':>13} | {'':>8} |")
-    lines += decoupled_lines(fin)
-    shown = {k: v for k, v in cfg.items() if k not in ("data_root", "out", "name", "force", "workers")}
-    lines.append("config: " + " ".join(f"{k}={v}" for k, v in shown.items()))
+    cfg, fin, best = res["config"], res["final"], res["best"] or {}
+    paper = PAPER["II"].get(cfg["method"], {}).get((cfg["dataset"], int(cfg["imb"])))
+    paper = None if any(cfg[a] for a in ABLATIONS) else paper
+    rows = [["few<20 (BCL)" if k == "few_bcl" else k, fnum(fin.get(k)), fnum(best.get(k)),
+             fnum(paper if k == "top1" else None)] for k in SHOTS + ("few_bcl",)]
+    rows += [[k, f"{fin['nc'][k]:.4f}", "", ""] for k in NC_KEYS]
     base = os.path.join(cfg["out"], res["name"])
-    w = res.get("weights") or {}
-    lines.append(f"result: {base}.json (config, per-epoch log, per-class accuracy, NC metrics)"
-                 + (f"; weights: {os.path.join(cfg['out'], w['final']['file'])} (final)" if "final" in w else "")
-                 + (f", {os.path.join(cfg['out'], w['best']['file'])} (best, epoch {w['best']['epoch']})" if "best" in w else "")
-                 + f"; re-evaluate: python allnc.py --eval {base}.json")
-    return "\n".join(lines)
+    w = res["weights"] or {}
+    shown = {k: v for k, v in cfg.items() if k not in ("data_root", "out", "name", "force", "workers")}
+    return "\n".join([
+        f"{cfg['method']} on {cfg['dataset']} (imb {cfg['imb']:g}, {cfg['imb_type']}), {res['n_train']} train images, "
+        f"{cfg['epochs']} epochs, seed {cfg['seed']}{'  [SMOKE: generated stand-in data]' if cfg['smoke'] else ''}",
+        protocol_line(cfg) + "; Few = classes with <= 20 training images (paper), few<20 = BCL's split",
+        format_table(("metric", "final", f"best (ep {best['epoch']})" if best else "best", "paper"), rows),
+        *decoupled_lines(fin),
+        "config: " + " ".join(f"{k}={v}" for k, v in shown.items()),
+        f"result: {base}.json (config, per-epoch log, per-class accuracy, NC metrics)"
+        + (f"; weights: {os.path.join(cfg['out'], w['final']['file'])} (final)" if "final" in w else "")
+        + (f", {os.path.join(cfg['out'], w['best']['file'])} (best, epoch {w['best']['epoch']})" if "best" in w else "")
+        + f"; re-evaluate: python allnc.py --eval {base}.json"])
 
 
 DECOUPLED = (("head", "trained head"), ("logit_adjusted", "logit-adjusted"), ("ncm", "nearest class mean"))
@@ -1766,15 +1866,10 @@ def decoupled_lines(fin):
     d = fin.get("decoupled")
     if not d:
         return []
-    lines = ["features or classifier? the final weights scored three ways (test top-1 %):",
-             f"| {'scored by':<20} | {'top1':>6} | {'many':>6} | {'medium':>6} | {'few':>6} |",
-             f"|{'-' * 22}|{'-' * 8}|{'-' * 8}|{'-' * 8}|{'-' * 8}|"]
-    for key, label in DECOUPLED:
-        if d.get(key) is None:
-            lines.append(f"| {label:<20} | n/a: {d.get('la_not_applicable', 'not scored')}")
-        else:
-            lines.append(f"| {label:<20} | " + " | ".join(fnum(d[key].get(k), 6) for k in ("top1",) + SHOTS[:3]) + " |")
-    return lines
+    rows = [[label] + ([f"n/a: {d.get('la_not_applicable', 'not scored')}", "", "", ""] if d.get(key) is None else
+                       [fnum(d[key].get(k)) for k in ("top1",) + SHOTS[:3]]) for key, label in DECOUPLED]
+    return ["features or classifier? the final weights scored three ways (test top-1 %):",
+            format_table(("scored by", "top1", "many", "medium", "few"), rows)]
 
 
 def compare_table(a, b):
@@ -1787,26 +1882,22 @@ def compare_table(a, b):
                                         for g, rule in (("many", "> 100"), ("medium", "21..100"), ("few", "<= 20"))
                                         if groups[g].any()]
     rare = sorted(range(len(counts)), key=lambda c: counts[c])[:3]
-    key = (ca["dataset"], int(ca["imb"]))
-    paper = [PAPER["II"].get(c["method"], {}).get(key) for c in (ca, cb)]
-    head = f"| {'classes (training images)':<34} | {ca['method']:>8} | {cb['method']:>8} | {'difference':>10} |"
-    head += f" {'paper ' + ca['method']:>12} | {'paper ' + cb['method']:>12} |" if any(paper) else ""
-    lines = [f"{ca['method']} vs {cb['method']} on {ca['dataset']} (imb {ca['imb']:g}), the same {a['n_train']} training "
-             f"images, {ca['epochs']} epochs, seed {ca['seed']}; final epoch, test top-1 (%)", protocol_line(ca), head,
-             "".join("|" if ch == "|" else "-" for ch in head)]
+    paper = [PAPER["II"].get(c["method"], {}).get((ca["dataset"], int(ca["imb"]))) for c in (ca, cb)]
     vals = [(label, a["final"].get(k), b["final"].get(k)) for label, k in rows]
     vals += [(f"rarest: class {c} ({counts[c]} images)", a["final"]["per_class"][c], b["final"]["per_class"][c])
              for c in rare]
     for key, name in (("logit_adjusted", "LA"), ("ncm", "NCM")):      # features or classifier
         da, db = ((r["final"].get("decoupled") or {}).get(key) or {} for r in (a, b))
         vals += [(f"{label} by {name}", da.get(k), db.get(k)) for label, k in rows if k in ("top1", "few")]
+    head = ["classes (training images)", ca["method"], cb["method"], "difference"]
+    head += [f"paper {ca['method']}", f"paper {cb['method']}"] if any(paper) else []
+    out = []
     for i, (label, x, y) in enumerate(vals):
-        diff = x - y if x is not None and y is not None else None
-        line = f"| {label:<34} | {fnum(x, 8)} | {fnum(y, 8)} | {fnum(diff, 10)} |"
-        if any(paper):
-            line += f" {fnum(paper[0] if i == 0 else None, 12)} | {fnum(paper[1] if i == 0 else None, 12)} |"
-        lines.append(line)
-    return "\n".join(lines)
+        out.append([label, fnum(x), fnum(y), fnum(x - y if x is not None and y is not None else None)]
+                   + ([fnum(p if i == 0 else None) for p in paper] if any(paper) else []))
+    return "\n".join([f"{ca['method']} vs {cb['method']} on {ca['dataset']} (imb {ca['imb']:g}), the same {a['n_train']} "
+                      f"training images, {ca['epochs']} epochs, seed {ca['seed']}; final epoch, test top-1 (%)",
+                      protocol_line(ca), format_table(head, out)])
 
 
 def collect(results_dir):
@@ -1833,126 +1924,138 @@ def mean_std(rs, key, at="final"):
     return t.mean().item(), (t.std(unbiased=False).item() if len(vals) > 1 else None), len(vals)
 
 
-def cell(ms, w=13):
+def cell(ms, digits=2):
     if ms is None:
-        return f"{'-':>{w}}"
+        return "-"
     m, s, n = ms
-    return f"{m:.2f}±{s:.2f}".rjust(w) if s is not None else f"{m:.2f}".rjust(w)
+    return f"{m:.{digits}f}±{s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
+
+
+def over_seeds(rs, value, digits=2):
+    """mean±std over runs of value(run), runs without a value left out; 'n/a' where none has one."""
+    ms = mean_std([{"final": {"x": value(r)}} for r in rs], "x")
+    return cell(ms, digits) if ms else "n/a"
+
+
+def spread_delta(a, b):
+    """a - b of two mean_std cells, with '~' where it is within the seed spread (|d| <= std_a + std_b)."""
+    if not a or not b:
+        return "-"
+    d = a[0] - b[0]
+    within = a[1] is not None and b[1] is not None and abs(d) <= a[1] + b[1]
+    return f"{d:+.2f}{'~' if within else ' '}"
 
 
 def pick(runs, **want):
-    out = []
-    for r in runs:
-        c = r["config"]
-        if all((c.get(k) == v) if not callable(v) else v(c.get(k)) for k, v in want.items()):
-            out.append(r)
-    return out
+    return [r for r in runs if all(r["config"][k] == v for k, v in want.items())]
 
 
 def plain_allnc(c):
-    return not any(c.get(a) for a in ABLATIONS)
+    return not any(c[a] for a in ABLATIONS)
 
 
 def print_tables(results_dir):
+    """The paper's tables from every finished run in results_dir, one protocol at a time (runs of
+    different protocols are never averaged together), then every run."""
     runs, bad = collect(results_dir)
-    smoke = any(r["config"]["smoke"] for r in runs)
-    W = 13
-    print(f"Results in {results_dir}: {len(runs)} finished runs" + (f", {len(bad)} not tabulated (partial, corrupt or of an earlier version): "
-          f"{', '.join(bad)}" if bad else "") + ". ours = mean±std over seeds; paper = the paper's printed value.")
-    if smoke:
+    print(f"Results in {results_dir}: {len(runs)} finished runs" + (f", {len(bad)} not tabulated (partial, corrupt or "
+          f"of an earlier version): {', '.join(bad)}" if bad else "") + ".")
+    if any(r["config"]["smoke"] for r in runs):
         print("SMOKE results: generated stand-in data, tiny budgets; the numbers only show the pipeline works.")
-    print("ours = final epoch (headline); best = the best test epoch, what GLMC, BCL, PaCo, ETF and RBL report. "
-          "Few = <= 20 training images (the paper's text).")
+    print("Cells: mean±std over seeds, final epoch (the headline); 'best All' = the best test epoch, what GLMC, BCL, "
+          "PaCo, ETF and RBL report. Few = <= 20 training images (the paper's text). 'All - ref', 'Few - ref': the "
+          "difference from the table's (ref) row, '~' where it is within the seed spread (|d| <= std + std).")
+    own = [r for r in runs if r["config"]["recipe"] == "own"]
     groups = {}
-    own = [r for r in runs if r["config"].get("recipe", "allnc") == "own"]
-    for r in runs:                 # runs of different protocols are never averaged together
-        if r["config"].get("recipe", "allnc") == "allnc":
+    for r in runs:
+        if r["config"]["recipe"] == "allnc":
             groups.setdefault(protocol_key(r["config"]), []).append(r)
-    for key in sorted(groups) or [None]:
-        rs = groups.get(key, [])
-        print(f"\n==== protocol: {protocol_line(rs[0]['config']) if rs else '(no runs)'}"
-              + (f" [{key[-1]}]" if key and key[-1] else ""))
-        if rs and all(r["config"]["dataset"] == "fmnist" for r in rs):
-            study_tables(rs)
-        else:
-            paper_tables(rs, own)
+    for key in sorted(groups):
+        rs = groups[key]
+        print(f"\n==== protocol: {protocol_line(rs[0]['config'])}" + (f" [{key[-1]}]" if key[-1] else ""))
+        paper_tables(rs, own)
     if runs:
         print_all_runs(runs)
 
 
-def table2_rows(label, sel, pap, W):
-    """One method's rows of Table II: ours (final), best epoch, the paper, and the difference."""
-    ours = [mean_std(rs, "top1") for rs in sel]
-    bests = [mean_std(rs, "top1", "best") for rs in sel]
-    print(f"| {label:<16} | ours  | " + " | ".join(cell(o, W) for o in ours) + " |")
-    print(f"| {'':<16} | best  | " + " | ".join(cell(o, W) for o in bests) + " |")
-    print(f"| {'':<16} | paper | " + " | ".join(fnum(p, W) for p in pap) + " |")
-    print(f"| {'':<16} | diff  | " + " | ".join(fnum(o[0] - p if o and p else None, W) for o, p in zip(ours, pap)) + " |")
+# Which of the paper's tables a dataset's runs fill, and the paper's numbers for a row (Many, Medium,
+# Few, All; None where the paper has none). Fashion-MNIST (the CPU study) shows CIFAR-10-LT's numbers
+# at its imbalance as a reference only: another dataset, network and budget.
+def table_name(ds, imb):
+    return {"imagenet_lt": "Table III", "inat2018": "Table IV"}.get(ds, "Table V" if imb == 1 else "Table II")
 
 
-def paper_tables(runs, own_runs=(), W=13):
-    """Tables II-VII and Fig. 8 from the runs of one protocol; Table II also shows the baselines
-    trained with their own recipes (own_runs), whatever protocol they were launched under."""
-    base = lambda r: plain_allnc(r["config"]) and r["config"]["alpha"] == 1.0
-
-    # Table II
-    cols = [(d, i) for d in ("cifar10", "cifar100") for i in (200, 100, 50, 10)]
-    print("\nTable II: top-1 (%) on CIFAR-10/100-LT (ResNet-32)")
-    print("baselines: (allnc) = AllNC's recipe, the controlled comparison; (own) = the method's published recipe,"
-          " which is what the paper's baseline numbers come from")
-    print(f"| {'method (recipe)':<16} |       | " + " | ".join(f"{('C10' if d == 'cifar10' else 'C100') + '-' + str(i):>{W}}"
-                                                 for d, i in cols) + " |")
-    for m in METHODS:
-        pap = [PAPER["II"].get(m, {}).get(c) for c in cols]
-        rows = {}
-        for recipe in ("allnc", "own"):
-            pool = runs if recipe == "allnc" else own_runs
-            rows[recipe] = [[r for r in pick(pool, dataset=d, imb=float(i), method=m, imb_type="exp") if base(r)
-                             and r["config"].get("recipe", "allnc") == recipe
-                             and (not m.startswith("allnc") or r["config"]["gamma"] == table2_gamma(d, i))]
-                            for d, i in cols]
-        for recipe, sel in rows.items():        # an empty row only where the method has no row at all
-            if any(map(any, sel)) or (recipe == "allnc" and not any(map(any, rows["own"]))):
-                table2_rows(f"{m} ({recipe})", sel, pap, W)
+def paper_row(table, ds, imb, key):
+    if table == "Table II":
+        v = PAPER["II"].get(key, {}).get(("cifar10" if ds == "fmnist" else ds, int(imb)))
+        return (None, None, None, v) if v is not None else None
+    if table == "Table V":
+        v = PAPER["V"].get(key, {}).get(ds)
+        return (None, None, None, v) if v is not None else None
+    if table in ("Table III", "Table IV"):
+        return PAPER[table.split()[1]].get(key)
+    if ds != "cifar100":
+        return None
+    return PAPER["VI"].get(int(imb), {}).get(key) if table == "Table VI" else PAPER["VII"].get(key) if int(imb) == 100 else None
 
 
-    # Tables III and IV
-    for tab, ds, title in (("III", "imagenet_lt", "ImageNet-LT (ResNeXt-50-32x4d)"), ("IV", "inat2018", "iNaturalist 2018 (ResNet-50)")):
-        print(f"\nTable {tab}: top-1 (%) on {title}")
-        rows = [r for r in pick(runs, dataset=ds) if base(r)]
-        if not rows:
-            print(f"  no runs (set the data root in run_all.sh to run them)")
-        shot_table([(m, mean_group(pick(rows, method=m)), PAPER[tab].get(m)) for m in METHODS if pick(rows, method=m)])
+def shot_table(title, entries, ref):
+    """One table of rows (label, runs, paper numbers): seeds, Many / Medium / Few / All and the best
+    epoch's All (mean±std), All and Few minus the (ref) row's; a 'paper' row under each row the paper
+    has numbers for."""
+    base = dict((label, rs) for label, rs, _ in entries).get(ref) or []
+    ref_all, ref_few = mean_std(base, "top1"), mean_std(base, "few")
+    rows = []
+    for label, rs, pap in entries:
+        cells = [mean_std(rs, k) for k in SHOTS]
+        delta = ["", ""] if label == ref else [spread_delta(cells[3], ref_all), spread_delta(cells[2], ref_few)]
+        rows.append([label + (" (ref)" if label == ref else ""), str(len(rs))] + [cell(c) for c in cells]
+                    + [cell(mean_std(rs, "top1", "best"))] + delta)
+        if pap:
+            rows.append(["  paper", ""] + [fnum(p) for p in pap] + ["", "", ""])
+    print(f"\n{title}")
+    print(format_table(("", "seeds", "Many", "Medium", "Few", "All", "best All", "All - ref", "Few - ref"), rows))
 
-    # Table V
-    print("\nTable V: top-1 (%) on balanced CIFAR-10/100 (RandAugment)")
-    print(f"| {'method':<8} |       | {'CIFAR-10':>{W}} | {'CIFAR-100':>{W}} |")
-    for m in METHODS:
-        ours = [mean_std([r for r in pick(runs, dataset=d, imb=1.0, method=m) if base(r)], "top1") for d in ("cifar10", "cifar100")]
-        if not any(ours) and m not in PAPER["V"]:
-            continue
-        pap = [PAPER["V"].get(m, {}).get(d) for d in ("cifar10", "cifar100")]
-        print(f"| {m:<8} | ours  | {cell(ours[0], W)} | {cell(ours[1], W)} |")
-        print(f"| {'':<8} | paper | {fnum(pap[0], W)} | {fnum(pap[1], W)} |")
 
-    # Table VI
-    print("\nTable VI: AllNC on CIFAR-100-LT for different gamma (Many / Medium / Few / All)")
-    for imb in (200, 100):
-        print(f"  imb {imb}")
-        rows = [r for r in pick(runs, dataset="cifar100", imb=float(imb), method="allnc") if base(r)]
-        shot_table([(f"gamma {g:g}", mean_group([r for r in rows if r["config"]["gamma"] == g]), PAPER["VI"][imb][g])
-                    for g in sorted(PAPER["VI"][imb])])
-
-    # Table VII
-    print("\nTable VII: ablations of AllNC on CIFAR-100-LT (imb 100, gamma 3)")
-    rows = pick(runs, dataset="cifar100", imb=100.0, method="allnc", gamma=3.0, alpha=1.0)
-    shot_table([(label, mean_group(sel), PAPER["VII"][a]) for label, a, sel in ablation_rows(rows)])
-
-    # Fig. 8
-    print("\nFig. 8: AllNC on CIFAR-100-LT (imb 100, gamma 3) for different alpha (paper: a figure, no numbers)")
-    rows = [r for r in pick(runs, dataset="cifar100", imb=100.0, method="allnc", gamma=3.0) if plain_allnc(r["config"])]
-    alphas = sorted({r["config"]["alpha"] for r in rows})
-    shot_table([(f"alpha {a:g}", mean_group([r for r in rows if r["config"]["alpha"] == a]), None) for a in alphas])
+def paper_tables(runs, own=()):
+    """Tables II-VII and Fig. 8 from the runs of one protocol, one table per dataset and imbalance;
+    Table II also shows the baselines trained with their own recipes (own), labelled."""
+    ds_order = {d: i for i, d in enumerate(data_lt.DATASETS)}
+    splits = sorted({(r["config"]["dataset"], r["config"]["imb"]) for r in runs + list(own)},
+                    key=lambda s: (ds_order[s[0]], -s[1]))
+    for ds, imb in splits:
+        g = table2_gamma(ds, imb)
+        at = lambda pool, **k: [r for r in pick(pool, dataset=ds, imb=imb, **k) if plain_allnc(r["config"])]
+        counts = next(r["counts"] for r in pick(runs + list(own), dataset=ds, imb=imb))
+        split = (f"{ds} imb {imb:g}: classes of {max(counts)} to {min(counts)} training images, "
+                 f"{sum(n <= 20 for n in counts)} Few")
+        tab = table_name(ds, imb)
+        main = []
+        for m in METHODS:
+            for recipe, pool in (("allnc", runs), ("own", own)):
+                rs = [r for r in at(pool, method=m, alpha=1.0) if not m.startswith("allnc") or r["config"]["gamma"] == g]
+                if rs:
+                    main.append((m if recipe == "allnc" else f"{m} (own recipe)", rs, paper_row(tab, ds, imb, m)))
+        if main:
+            shot_table(f"{tab}: {split}" + ("; paper = CIFAR-10-LT at this imbalance, a reference only"
+                                            if ds == "fmnist" else ""), main, "allnc")
+            decoupled_table(main)
+            nc_table(main)
+        allnc_runs = at(runs, method="allnc")
+        gammas = sorted({r["config"]["gamma"] for r in allnc_runs if r["config"]["alpha"] == 1.0})
+        if any(x != g for x in gammas):                # the sweep of Table VI, begun
+            shot_table(f"Table VI: AllNC for different gamma, {split}",
+                       [(f"gamma {x:g}", [r for r in allnc_runs if r["config"]["gamma"] == x and r["config"]["alpha"] == 1.0],
+                         paper_row("Table VI", ds, imb, x)) for x in gammas], f"gamma {g:g}")
+        abl = pick(runs, dataset=ds, imb=imb, method="allnc", gamma=g, alpha=1.0)
+        if any(r["config"][a] for r in abl for a in ABLATIONS):
+            shot_table(f"Table VII: ablations of AllNC (gamma {g:g}), {split}",
+                       [(label, sel, paper_row("Table VII", ds, imb, a)) for label, a, sel in ablation_rows(abl)], "allnc")
+        alphas = sorted({r["config"]["alpha"] for r in allnc_runs if r["config"]["gamma"] == g})
+        if any(a != 1.0 for a in alphas):              # the sweep of Fig. 8, begun
+            shot_table(f"Fig. 8: AllNC (gamma {g:g}) for different alpha (paper: a figure, no numbers), {split}",
+                       [(f"alpha {a:g}", [r for r in allnc_runs if r["config"]["alpha"] == a and r["config"]["gamma"] == g],
+                         None) for a in alphas], "alpha 1")
 
 
 def ablation_rows(rows):
@@ -1960,113 +2063,43 @@ def ablation_rows(rows):
     out = [("allnc", "allnc", [r for r in rows if plain_allnc(r["config"])])]
     for a in ABLATIONS:
         sel = [r for r in rows if r["config"][a] and sum(bool(r["config"][b]) for b in ABLATIONS) == 1]
-        out.append((f"w/o {a[3:] if a.startswith('no_') else 'adjustable gamma'}", a, sel))
+        if sel:
+            out.append((f"w/o {a[3:] if a.startswith('no_') else 'adjustable gamma'}", a, sel))
     return out
 
 
-def spread_delta(a, b, w=9):
-    """a - b of two mean_std cells, with '~' where it is within the seed spread (|d| <= std_a + std_b)."""
-    if not a or not b:
-        return f"{'-':>{w}}"
-    d = a[0] - b[0]
-    within = a[1] is not None and b[1] is not None and abs(d) <= a[1] + b[1]
-    return f"{d:+.2f}{'~' if within else ' '}".rjust(w)
-
-
-def nc_cell(rs, key, w=14):
-    """mean±std over runs of a final NC metric."""
-    vals = torch.tensor([r["final"]["nc"][key] for r in rs], dtype=torch.float64)
-    if not len(vals):
-        return f"{'-':>{w}}"
-    return (f"{vals.mean():.3f}±{vals.std(unbiased=False):.3f}" if len(vals) > 1 else f"{vals.mean():.3f}").rjust(w)
-
-
-def study_rows(title, entries, ref_label, W=13):
-    """Rows of (label, runs) as Many / Medium / Few / All (mean±std), then All and Few minus the
-    reference row's ('~': within the seed spread)."""
-    print(title)
-    ref = dict(entries).get(ref_label) or []
-    print(f"| {'':<24} | " + " | ".join(f"{k:>{W}}" for k in ("Many", "Medium", "Few", "All"))
-          + f" | {'All - ref':>9} | {'Few - ref':>9} | seeds |")
-    for label, rs in entries:
-        cells = [mean_std(rs, k) for k in SHOTS]
-        d = ([f"{'':>9}"] * 2 if label == ref_label else
-             [spread_delta(cells[3], mean_std(ref, "top1")), spread_delta(cells[2], mean_std(ref, "few"))])
-        mark = (" (ref)" if label == ref_label else "") + (" *" if len(rs) == 1 else "")
-        print(f"| {label + mark:<24} | " + " | ".join(cell(c, W) for c in cells) + f" | {d[0]} | {d[1]} | {len(rs):>5} |")
-    if any(len(rs) == 1 for _, rs in entries):
-        print("* one seed: no spread, a difference from it is not tested against the seed spread")
-
-
-def decoupled_table(entries, W=13):
-    """Features or classifier, per method: All and Few of the final weights scored by the trained
-    head, by logit adjustment (LA) and by the nearest class mean of phi(x) (NCM), mean±std."""
-    entries = [(m, rs) for m, rs in entries if rs and any((r["final"].get("decoupled") for r in rs))]
+def decoupled_table(entries):
+    """Features or classifier, per row: All and Few of the final weights scored by the trained head,
+    by logit adjustment (LA) and by the nearest class mean of phi(x) (NCM), mean±std."""
+    entries = [(m, rs) for m, rs, _ in entries if any(r["final"].get("decoupled") for r in rs)]
     if not entries:
         return
     print("Features or classifier? the final weights scored by the trained head, by post-hoc logit adjustment "
           "(LA; n/a where the head is not trained on the long-tailed prior) and by the nearest class mean of "
           "phi(x) (NCM). Few found by NCM but not by the head: a classifier bias, not a representation failure.")
     cols = [(w, k) for k in ("top1", "few") for w in ("head", "LA", "NCM")]
-    print(f"| {'method':<18} | " + " | ".join(f"{(w + ' ' + ('All' if k == 'top1' else 'Few')):>{W}}" for w, k in cols) + " |")
     which = {"head": "head", "LA": "logit_adjusted", "NCM": "ncm"}
-    for m, rs in entries:
-        cells = [mean_std([{"final": {"x": ((r["final"].get("decoupled") or {}).get(which[w]) or {}).get(k)}} for r in rs], "x")
-                 for w, k in cols]
-        print(f"| {m:<18} | " + " | ".join(cell(c, W) if c else f"{'n/a':>{W}}" for c in cells) + " |")
+    score = lambda w, k: lambda r: ((r["final"].get("decoupled") or {}).get(which[w]) or {}).get(k)
+    rows = [[m] + [over_seeds(rs, score(w, k)) for w, k in cols] for m, rs in entries]
+    print(format_table(["method"] + [f"{w} {'All' if k == 'top1' else 'Few'}" for w, k in cols], rows))
 
 
-def study_tables(runs, W=13):
-    """The CPU study (run_all.sh SCALE=cpu): the paper's tables re-run on real Fashion-MNIST-LT at a
-    small budget; the paper's numbers (CIFAR, 200 epochs, ResNet-32) appear only as references."""
-    c0 = runs[0]["config"]
-    budget = "the paper's schedule length" if c0["epochs"] >= 200 else "small budget"
-    print(f"CPU STUDY: real data (Fashion-MNIST-LT, N_max {c0.get('n_max') or 6000}), {budget} ({c0['epochs']} epochs, "
-          f"ResNet-{c0['depth']} width {c0.get('width', 16)}), not the paper's setting. Cells: mean±std over seeds, final "
-          "epoch. '~': the difference from the (ref) row is within the seed spread (|d| <= std + std of the two rows).")
-    base = lambda r: plain_allnc(r["config"]) and r["config"]["alpha"] == 1.0 and (
-        not r["config"]["method"].startswith("allnc") or r["config"]["gamma"] == 2.0)
-    imbs = sorted({r["config"]["imb"] for r in runs})
-    for imb in imbs:
-        counts = next(r["counts"] for r in pick(runs, imb=imb))
-        few = sum(n <= 20 for n in counts)
-        paper = {m: PAPER["II"].get(m, {}).get(("cifar10", int(imb))) for m in METHODS}
-        ref_line = ", ".join(f"{m} {v:.2f}" for m, v in paper.items() if v is not None)
-        study_rows(f"\nTable II (CPU study): imb {imb:g}, classes of {max(counts)} to {min(counts)} images, "
-                   f"{few} Few class(es)" + (f"; paper's CIFAR-10-LT imb {imb:g} (reference only): {ref_line}" if ref_line else ""),
-                   [(m, [r for r in pick(runs, imb=imb, method=m) if base(r)]) for m in METHODS
-                    if pick(runs, imb=imb, method=m)], "allnc", W)
-        decoupled_table([(m, [r for r in pick(runs, imb=imb, method=m) if base(r)]) for m in METHODS], W)
-        print(f"NC at the end of training, imb {imb:g} (Fig. 3/4: lower Std of cosines and NC1 = closer to collapse; "
-              "self-duality = distance between normalised class means and classifier rows, lower = closer)")
-        print(f"| {'method':<18} | " + " | ".join(f"{k:>14}" for k in ("NC1", "Std cos, means", "Std cos, W", "self-duality")) + " |")
-        for m in METHODS:
-            rs = [r for r in pick(runs, imb=imb, method=m) if base(r)]
-            if rs:
-                print(f"| {m:<18} | " + " | ".join(nc_cell(rs, k) for k in ("nc1", "cos_mu_std", "cos_w_std", "self_duality")) + " |")
-    rows = [r for r in pick(runs, imb=100.0, method="allnc") if plain_allnc(r["config"])]
-    if not rows:
-        return
-    gammas = sorted({r["config"]["gamma"] for r in rows if r["config"]["alpha"] == 1.0})
-    study_rows("\nTable VI (CPU study): AllNC at imb 100 for different gamma",
-               [(f"gamma {g:g}", [r for r in rows if r["config"]["gamma"] == g and r["config"]["alpha"] == 1.0])
-                for g in gammas], "gamma 2", W)
-    abl = pick(runs, imb=100.0, method="allnc", gamma=2.0, alpha=1.0)
-    entries = [(label, sel) for label, a, sel in ablation_rows(abl) if sel or a == "allnc"]
-    study_rows("\nTable VII (CPU study): ablations of AllNC at imb 100 (gamma 2)", entries, "allnc", W)
-    alphas = sorted({r["config"]["alpha"] for r in rows if r["config"]["gamma"] == 2.0})
-    study_rows("\nFig. 8 (CPU study): AllNC at imb 100 (gamma 2) for different alpha",
-               [(f"alpha {a:g}", [r for r in rows if r["config"]["alpha"] == a and r["config"]["gamma"] == 2.0])
-                for a in alphas], "alpha 1", W)
+def nc_table(entries):
+    """The NC metrics at the end of training, mean±std over seeds (Fig. 3/4)."""
+    keys = ("nc1", "cos_mu_std", "cos_w_std", "self_duality")
+    print("NC at the end of training (Fig. 3/4: lower Std of cosines and NC1 = closer to collapse; self-duality = "
+          "distance between normalised class means and classifier rows, lower = closer)")
+    rows = [[m] + [over_seeds(rs, lambda r: r["final"]["nc"][k], 3) for k in keys] for m, rs, _ in entries]
+    print(format_table(("method", "NC1", "Std cos, means", "Std cos, W", "self-duality"), rows))
 
 
 def variant(c):
     """How a run differs from its method's defaults, for the all-runs table."""
     v = [a.replace("_", "-") for a in ABLATIONS if c[a]]
     if c["method"].startswith("allnc"):
-        v += [f"g{c['gamma']:g}", f"a{c['alpha']:g}"] + (["p2p-feat"] if c.get("p2p_space", "z") != "z" else [])
-        v += ["2heads"] if c.get("heads", 1) == 2 else []
-    v += [f"ra-{c.get('randaug', 'torchvision')}"] if c.get("randaug", "torchvision") != "timm" else []
+        v += [f"g{c['gamma']:g}", f"a{c['alpha']:g}"] + (["p2p-feat"] if c["p2p_space"] != "z" else [])
+        v += ["2heads"] if c["heads"] == 2 else []
+    v += [f"ra-{c['randaug']}"] if c["randaug"] != "timm" else []
     return " ".join(v + (["smoke"] if c["smoke"] else []))
 
 
@@ -2075,61 +2108,26 @@ def print_all_runs(runs):
     groups = {}
     for r in runs:
         c = r["config"]
-        net = f"{c['depth']}x{c.get('width', 16)}" if c["arch"] == "resnet_cifar" else c["arch"]
+        net = f"{c['depth']}x{c['width']}" if c["arch"] == "resnet_cifar" else c["arch"]
         pk = protocol_key(c)                   # its non-default fields (pk[5], e.g. grw_reduction=batch) named:
         v = " ".join(filter(None, (variant(c), pk[5])))     # never averaged with the default's seeds
         groups.setdefault((c["dataset"], c["imb"], c["method"], v, c["epochs"], net, pk), []).append(r)
     nc = ("nc1", "cos_mu_std", "cos_w_std", "self_duality")
     print("\nAll runs: top-1 (%) mean±std over seeds (final epoch; 'best All' = best test epoch), net = depth x width,"
           " and NC metrics at the end of training (mean over seeds)")
-    print(f"| {'dataset':<11} | {'imb':>5} | {'method':<8} | {'variant':<18} | {'ep':>4} | {'net':>6} | {'seeds':>5} | "
-          + " | ".join(f"{k:>11}" for k in ("Many", "Medium", "Few", "All", "best All")) + " | "
-          + " | ".join(f"{k:>12}" for k in nc) + " |")
     order = {m: i for i, m in enumerate(METHODS)}
+    rows = []
     for key in sorted(groups, key=lambda k: (k[0], -k[1], order[k[2]], k[3], k[4])):
         rs = groups[key]
-        accs = [cell(mean_std(rs, k), 11) for k in SHOTS] + [cell(mean_std(rs, "top1", "best"), 11)]
-        ncs = [f"{sum(r['final']['nc'][k] for r in rs) / len(rs):12.4f}" for k in nc]
         d, imb, m, v, ep, net, _ = key
-        print(f"| {d:<11} | {imb:>5g} | {m:<8} | {v:<18} | {ep:>4} | {str(net):>6} | {len(rs):>5} | "
-              + " | ".join(accs) + " | " + " | ".join(ncs) + " |")
-
-
-def mean_group(rs):
-    return ({k: mean_std(rs, k) for k in SHOTS} | {f"best_{k}": mean_std(rs, k, "best") for k in SHOTS}) if rs else None
-
-
-def shot_table(entries, W=13):
-    print(f"  | {'':<22} |       | " + " | ".join(f"{k:>{W}}" for k in ("Many", "Medium", "Few", "All")) + " |")
-    for label, ours, pap in entries:
-        o = [ours[k] if ours else None for k in SHOTS]
-        print(f"  | {label:<22} | ours  | " + " | ".join(cell(x, W) for x in o) + " |")
-        if ours:
-            print(f"  | {'':<22} | best  | " + " | ".join(cell(ours[f'best_{k}'], W) for k in SHOTS) + " |")
-        if pap:
-            print(f"  | {'':<22} | paper | " + " | ".join(fnum(p, W) for p in pap) + " |")
+        rows.append([d, f"{imb:g}", m, v, str(ep), net, str(len(rs))] + [cell(mean_std(rs, k)) for k in SHOTS]
+                    + [cell(mean_std(rs, "top1", "best"))] + [f"{sum(r['final']['nc'][k] for r in rs) / len(rs):.4f}"
+                                                              for k in nc])
+    print(format_table(("dataset", "imb", "method", "variant", "ep", "net", "seeds", "Many", "Medium", "Few", "All",
+                        "best All") + nc, rows))
 
 # ==============================================================================================
 # Figures (matplotlib is optional)
-
-def training_features(r, path):
-    """The classifier's input h on the un-augmented training set, from a result's kept weights."""
-    res_dir = os.path.dirname(os.path.abspath(path))
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in r["config"].items() if k in names})
-    dev = pick_device("auto")
-    data = data_lt.Data(cfg, dev, VIEWS[cfg.method])
-    model = build_model(cfg, data.C, data.counts, data.in_channels).to(dev)
-    load_weights(model, os.path.join(res_dir, r["weights"]["final"]["file"]), dev)
-    model.eval()
-    hs, ys = [], []
-    with torch.no_grad():
-        for x, y in data.plain(train=True):
-            h = model(x)[2].float()
-            hs.append(F.normalize(h, dim=1) if isinstance(model.head, models.MultiCenterHead) else h)
-            ys.append(y)
-    return torch.cat(hs).cpu(), torch.cat(ys).cpu()
-
 
 def embed_2d(h):
     """Two dimensions for Fig. 6: t-SNE when scikit-learn is installed, else PCA (torch's SVD)."""
@@ -2202,7 +2200,8 @@ def plot(paths, out_dir):
     if feats:                                           # Fig. 6: last-layer features of the training set
         fig, axes = plt.subplots(1, len(feats), figsize=(5.2 * len(feats), 4.6), squeeze=False)
         for ax, (r, p) in zip(axes[0], feats):
-            h, y = training_features(r, p)
+            data, _, model, _ = kept_model(p, r)
+            h, y = (t.cpu() for t in training_h(model, data))
             draw_features(ax, h, y, len(r["counts"]))
             ax.set_title(f"{r['config']['method']}: {r['name']}", fontsize=7)
         path = os.path.join(out_dir, "features.png")
@@ -2223,79 +2222,12 @@ def plot(paths, out_dir):
     return written + [path]
 
 # ==============================================================================================
-# torchrun stress check: a finished run must exit 0 every time (README: torchrun)
-
-STRESS_RUN = ["--dataset", "synthetic", "--imb", "10", "--depth", "8", "--batch-size", "32", "--device", "cpu",
-              "--no-augment", "--nc-every", "0"]
-
-
-def torchrun_launch(out, run, epochs, nodes=1):
-    """Popen of the tiny 2-process run into --out run: one node of 2 processes, or 2 nodes of 1 on
-    this host; standard error goes to out/stderr-N.log."""
-    here = os.path.abspath(__file__)
-    err = lambda r: open(os.path.join(out, f"stderr-{r}.log"), "a")
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    args = STRESS_RUN + ["--epochs", str(epochs), "--out", run]
-    run = [sys.executable, "-m", "torch.distributed.run"]
-    if nodes == 1:
-        return [subprocess.Popen(run + ["--standalone", "--nproc-per-node", "2", here] + args, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=err(0))]
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [subprocess.Popen(run + ["--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--master-addr",
-                                    "127.0.0.1", "--master-port", str(port), here] + args, env=env,
-                             stdout=subprocess.DEVNULL, stderr=err(r)) for r in range(2)]
-
-
-def torchrun_stress(n, kinds):
-    """n launches of each kind; prints how many ended as they should. plain: one node, 2 processes,
-    exit 0; nodes2: two single-process nodes on this host, both exit 0; sigterm: SIGTERM to torchrun
-    after the first epoch's checkpoint (our processes checkpoint and exit 143; torchrun reports its own
-    SignalException, exit 1), then the same command resumes (exit 0)."""
-    import tempfile
-    bad = 0
-    for kind in kinds:
-        ok, t0 = 0, time.time()
-        for i in range(n):
-            with tempfile.TemporaryDirectory() as out:
-                run = os.path.join(out, "run")     # new at the first launch, as a user's usually is
-                if kind == "sigterm":
-                    p, = torchrun_launch(out, run, 4)
-                    deadline = time.time() + 120
-                    ckpt = lambda: os.path.isdir(run) and any(f.endswith(".ckpt") for f in os.listdir(run))
-                    while not ckpt() and p.poll() is None and time.time() < deadline:
-                        time.sleep(0.05)
-                    p.send_signal(signal.SIGTERM)
-                    first = p.wait()
-                    log = open(os.path.join(out, "stderr-0.log")).read()
-                    ps = torchrun_launch(out, run, 4)
-                    codes = (first, ps[0].wait())
-                    # torchrun itself ends with its own SignalException (exit 1); the processes stop
-                    # at an agreed step, write the checkpoint and exit 143, and the same command resumes
-                    good = "stopped by SIGTERM" in log and "terminate called" not in log and codes[1] == 0
-                else:
-                    ps = torchrun_launch(out, run, 2, nodes=2 if kind == "nodes2" else 1)
-                    codes = tuple(q.wait() for q in ps)
-                    good = set(codes) == {0}
-                ok += good
-                if not good:
-                    err = "".join(open(os.path.join(out, f)).read() for f in sorted(os.listdir(out)) if f.startswith("stderr"))
-                    hint = next((ln for ln in err.splitlines() if "terminate" in ln or "error" in ln.lower()), "")
-                    print(f"  {kind} launch {i + 1}: exit codes {codes} {hint}", flush=True)
-        print(f"{kind}: {ok}/{n} launches ended as they should ({time.time() - t0:.0f} s)", flush=True)
-        bad += n - ok
-    return bad
-
-# ==============================================================================================
-# Benchmark: images/s of (a) bare model fwd+bwd, (b) full AllNC step on the tensor path,
-# (c) the same with the PIL loader. Images are counted per view.
+# Benchmark: what a user sizes a run with (images/s, ms per step, peak memory, projected time)
 
 def benchmark(cfg, steps=20, warm=5):
-    """images/s of (a) the bare model's fwd+bwd, (b) the full training step on the tensor path
-    (batches sliced from the epoch's pre-augmented views), (aug) the per-epoch augmentation,
-    (c) the full step with the PIL loader; steps/s and the projected wall time of the whole run."""
+    """The full training step on the tensor path (batches of the epoch's pre-augmented views) and the
+    per-epoch augmentation, timed apart and amortised together; the evaluation forward pass; the peak
+    memory; the projected wall time of the whole run. Images are counted per view."""
     device = pick_device(cfg.device)
     cfg.method = cfg.method if cfg.method.startswith("allnc") else "allnc"
     cfg.loader = "tensor"
@@ -2322,26 +2254,6 @@ def benchmark(cfg, steps=20, warm=5):
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     B = cfg.batch_size * V
-    x = torch.randn(B, data.in_channels, info.size, info.size, device=device)
-    y = torch.randint(data.C, (B,), device=device)
-
-    def bare(inp):
-        model.zero_grad(set_to_none=True)
-        with st.autocast():
-            loss = F.cross_entropy(model(inp)[1].float(), y)
-        loss.backward()
-        return B
-
-    @torch.no_grad()
-    def forward_only(inp):
-        model(inp)
-        return len(inp)
-
-    # On CPU the kernels' speed depends on the values (real images run faster than randn), so a
-    # second floor uses one fixed real batch: same shape, same values as training, no loading.
-    xs0, _ = next(iter(data.train_batches(0, V)))
-    x_real = torch.cat(xs0)
-
     gen = torch.Generator().manual_seed(1)
     sync()
     t = time.time()                                  # one epoch's augmentation, every view
@@ -2349,7 +2261,6 @@ def benchmark(cfg, steps=20, warm=5):
         data_lt.augment_set(data.xtr, gen, info, cfg.randaug, cfg.autoaugment, cfg.cutout)
     sync()
     aug = V * data.n_train() / (time.time() - t)
-
     opt = make_optimizer(model, cfg)
     st.eta = 0.5
     cold = {}
@@ -2365,19 +2276,19 @@ def benchmark(cfg, steps=20, warm=5):
         cold.setdefault("s", time.time() - t0)         # the first call: compile time with --compile
         return len(yy) * len(xs)
 
-    def endless(loader_kind):
-        cfg.loader, e = loader_kind, 0
-        if loader_kind == "pil":
-            data.pil = data_lt.PILViews(data.xtr.cpu(), data.ytr.cpu(), info, V, True, cfg.randaug,
-                                        cfg.autoaugment, cfg.cutout)
+    def endless():
+        e = 0
         while True:
             e += 1
             yield from data.train_batches(e, V)
 
-    b = timed(full, endless("tensor"))
-    c = timed(full, endless("pil"), max(2, steps // 4))
-    a = timed(bare, iter(lambda: x, None))        # last: allocator and kernels are warm for all
-    a2 = timed(bare, iter(lambda: x_real, None))
+    @torch.no_grad()
+    def forward_only(inp):
+        model(inp)
+        return len(inp)
+
+    b = timed(full, endless())
+    x_real = torch.cat(next(iter(data.train_batches(0, V)))[0])     # real images: CPU kernels' speed depends on values
     fwd_rate = timed(forward_only, iter(lambda: x_real, None))
     b_all = 1 / (1 / b + 1 / aug)                   # the step with the augmentation amortised over it
     n_steps = len(data_lt.epoch_batches(data.n_train(), cfg.batch_size, 0, 0))
@@ -2389,17 +2300,17 @@ def benchmark(cfg, steps=20, warm=5):
     print(f"benchmark: {cfg.dataset} (imb {cfg.imb:g}, {data.n_train()} images{', stand-in' if cfg.smoke else ''}), "
           f"{cfg.arch}-{cfg.depth} width {cfg.width}, RandAugment {cfg.randaug}, batch {cfg.batch_size} x {V} views, "
           f"device {device}, amp {st.dtype or 'off'}, {steps} timed steps{', compiled' if cfg.compile else ''}, "
-          f"{torch.get_num_threads()} threads, workers {cfg.workers}")
-    print(f"| {'measurement':<48} | {'images/s':>10} |")
-    for label, v in (("(a) bare model fwd+bwd, random tensors", a), ("(a') bare model fwd+bwd, one real batch", a2),
-                     ("(b) full AllNC step, tensor path", b), ("(aug) epoch augmentation, all views", aug),
-                     ("(b+aug) full step with augmentation amortised", b_all), ("(c) full AllNC step, PIL loader", c)):
-        print(f"| {label:<48} | {v:10.0f} |")
-    print(f"b/a = {b / a:.3f}   b/a' = {b / a2:.3f}   (b+aug)/a' = {b_all / a2:.3f}   b/c = {b / c:.3f}   "
-          f"steps/s {b_all / B:.2f}   peak memory {peak}" + (f"   cold compile {cold['s']:.1f}s" if cfg.compile else ""))
-    print(f"projected {cfg.epochs}-epoch run: {total / 60:.1f} min ({n_steps} steps/epoch at {b_all / B:.2f} steps/s, "
-          f"plus {evals:.0f} test-set-sized evaluations at {fwd_rate:.0f} images/s)")
-    return {"a": a, "a2": a2, "b": b, "c": c, "aug": aug, "b_all": b_all, "total_s": total}
+          f"{torch.get_num_threads()} threads")
+    rows = [("full training step", f"{b:.0f} images/s, {1000 * B / b:.2f} ms/step"),
+            ("augmentation of an epoch, every view", f"{aug:.0f} images/s"),
+            ("step with the augmentation amortised", f"{b_all:.0f} images/s, {b_all / B:.2f} steps/s"),
+            ("evaluation forward pass", f"{fwd_rate:.0f} images/s"), ("peak memory", peak)]
+    rows += [("first step (compile)", f"{cold['s']:.1f} s")] if cfg.compile else []
+    rows.append((f"projected {cfg.epochs}-epoch run", f"{total / 60:.1f} min ({n_steps} steps/epoch, "
+                                                      f"{evals:.0f} test-set-sized evaluations)"))
+    print(format_table(("measurement", "value"), rows))
+    return {"b": b, "aug": aug, "b_all": b_all, "fwd": fwd_rate, "ms_step": 1000 * B / b, "total_s": total}
+
 
 def benchmark_loader(cfg, steps=20):
     """ImageFolder data (ImageNet-LT, iNat): images/s of the training loader alone (JPEG decode,
@@ -2416,15 +2327,14 @@ def benchmark_loader(cfg, steps=20):
     print(f"benchmark: {cfg.dataset} loader, {data.n_train()} training images, batch {cfg.batch_size} x {V} views "
           f"at {min(data.info.size, 224)} px, RandAugment {cfg.randaug}, {steps} timed batches "
           f"after the first, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    print(f"| {'workers':>7} | {'images/s':>9} | {'views/s':>9} | {'views/s per worker':>18} |")
     rates = {}
     for w in counts:
         it = data_lt.pil_loader(data.pil, batches[:steps + 1], w, cfg.seed, 1, device)
         next(it)                                    # workers started, first batch out
         t = time.time()
-        n = sum(len(y) for _, y in it)
-        rates[w] = n / (time.time() - t)
-        print(f"| {w:>7} | {rates[w]:9.1f} | {rates[w] * V:9.1f} | {rates[w] * V / max(w, 1):18.1f} |")
+        rates[w] = sum(len(y) for _, y in it) / (time.time() - t)
+    print(format_table(("workers", "images/s", "views/s", "views/s per worker"),
+                       [[str(w), f"{r:.1f}", f"{r * V:.1f}", f"{r * V / max(w, 1):.1f}"] for w, r in rates.items()]))
     return rates
 
 # ==============================================================================================
@@ -2451,20 +2361,15 @@ def parse_args(argv=None):
         p.add_argument(flag, dest=f.name, type=typ, default=f.default, choices=meta.get("choices"), help=meta["help"])
     p.add_argument("--tables", metavar="DIR", help="print the paper's tables from the result JSONs in DIR")
     p.add_argument("--plot", nargs="+", metavar="JSON", help="draw ICPA heatmaps and NC curves (PNG, into --out)")
-    p.add_argument("--benchmark", action="store_true", help="images/s of bare model, tensor loader, PIL loader; "
-                   "ImageNet-LT / iNat: of the ImageFolder loader per --workers count")
+    p.add_argument("--benchmark", action="store_true", help="images/s and ms of the training step, peak memory and "
+                   "the projected run time; ImageNet-LT / iNat: the ImageFolder loader's rate per --workers count")
     p.add_argument("--compare", metavar="METHOD", choices=METHODS, help="also train METHOD on the same split, "
                    "budget and seed, and print both side by side (e.g. --compare ce)")
     p.add_argument("--eval", metavar="RESULT", help="re-evaluate a finished run from RESULT.json (final weights) or "
                    "its NAME.pt / NAME.best.pt, and print its table")
     p.add_argument("--benchmark-steps", type=int, default=20, help="timed steps per benchmark measurement")
-    p.add_argument("--torchrun-stress", type=int, metavar="N", help="launch the tiny 2-process CPU run N times "
-                   "per kind in --stress-kinds and print how many ended as they should (exit 0; SIGTERM: 143, then 0)")
-    p.add_argument("--stress-kinds", default="plain,sigterm", help="with --torchrun-stress: comma-separated "
-                   "plain (torchrun --standalone), nodes2 (--nnodes 2 on this host), sigterm (stop and resume)")
     a = p.parse_args(argv)
-    extra = {k: getattr(a, k) for k in ("tables", "plot", "benchmark", "benchmark_steps", "eval", "compare",
-                                        "torchrun_stress", "stress_kinds")}
+    extra = {k: getattr(a, k) for k in ("tables", "plot", "benchmark", "benchmark_steps", "eval", "compare")}
     names = {f.name for f in dataclasses.fields(Config)}
     given = (t[2:].split("=")[0].replace("-", "_") for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--"))
     extra["explicit"] = {g[3:] if g.startswith("no_") and g[3:] in names else g for g in given} & names
@@ -2482,12 +2387,6 @@ def main(argv=None):
             raise DataError(f"--{mode} runs in one process: start it with python, not torchrun")
         if env and env[1] > 1 and cfg.device.startswith("cuda:"):      # before resolve() looks for that GPU
             raise DataError(f"--device {cfg.device}: under torchrun each process takes cuda:LOCAL_RANK; give --device cuda")
-        if extra["torchrun_stress"] is not None:
-            kinds = extra["stress_kinds"].split(",")
-            if extra["torchrun_stress"] < 1 or not set(kinds) <= {"plain", "nodes2", "sigterm"}:
-                raise DataError("--torchrun-stress takes N >= 1 and --stress-kinds a comma-separated subset of "
-                                "plain,nodes2,sigterm")
-            return 1 if torchrun_stress(extra["torchrun_stress"], kinds) else 0
         if extra["tables"]:
             if not os.path.isdir(extra["tables"]):
                 raise DataError(f"{extra['tables']} is not a directory of result JSONs")
@@ -2505,6 +2404,11 @@ def main(argv=None):
             print(f"re-evaluated {res['name']} from {wpath}\n")
             print(run_table(res))
             return 0
+        if extra["benchmark"] and extra["benchmark_steps"] < 1:
+            raise DataError(f"--benchmark-steps {extra['benchmark_steps']}: give 1 or more timed steps (default 20)")
+        if extra["compare"] == cfg.method:
+            raise DataError(f"--compare {cfg.method} is --method {cfg.method} itself: the same run twice; "
+                            f"give another method to compare with, e.g. --compare ce")
         user = dataclasses.replace(cfg)
         resolve(cfg, extra["explicit"])
         other = None

@@ -32,13 +32,14 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.pad = (cout - cin) // 2 if (stride != 1 or cin != cout) else 0
+        self.pad = cout - cin if (stride != 1 or cin != cout) else 0
 
     def shortcut(self, x):
-        # Option A: subsample and zero-pad channels; no parameters.
+        # Option A: subsample and zero-pad channels, half on each side (an odd width's extra
+        # channel on the far side); no parameters.
         if not self.pad:
             return x
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
