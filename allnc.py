@@ -861,8 +861,13 @@ def memory_needed(cfg, info):
     allocation: parameters with gradients and momentum (x 3), NCMC's frame and centers (its QR while
     it is built: about 3 copies more), and one batch's activations (two per block output, a floor)."""
     C, d, p = info.num_classes, feature_dim(cfg), cfg.proj_dim
-    with torch.device("meta"):
-        enc = sum(t.numel() for t in models.encoder_for(cfg.arch, cfg.depth, info.channels, cfg.width).parameters())
+    if cfg.arch == "resnet_cifar":                  # 3x3 convs and BatchNorms, counted (a deep net builds slowly)
+        n, w = (cfg.depth - 2) // 6, cfg.width
+        enc = 9 * info.channels * w + 2 * w + sum(9 * c * c * (2 * n - 1) + 9 * c * (c // 2 if i else c) + 4 * c * n
+                                                 for i, c in enumerate((w, 2 * w, 4 * w)))
+    else:
+        with torch.device("meta"):
+            enc = sum(t.numel() for t in models.encoder_for(cfg.arch, cfg.depth, info.channels, cfg.width).parameters())
     head = {"rbl": d * 256 + max(256, C) ** 2, "etf": d * C, "ncmc": 0}.get(cfg.method, d * C * cfg.heads)
     frame = proj = 0
     if cfg.method == "ncmc":                          # frame f*C x dim (4 copies while built), centers C x k x dim
@@ -893,7 +898,8 @@ def check_memory(cfg, info):
         worst = max(parts, key=parts.get)
         raise DataError(f"{worst} {getattr(cfg, worst[2:].replace('-', '_'))}: the run needs about "
                         f"{sum(parts.values()) / 2**30:.1f} GiB ({worst}: {parts[worst] / 2**30:.1f} GiB), more than "
-                        f"this machine's {limit / 2**30:.1f} GiB of {where}; give a smaller {worst}")
+                        f"this machine's {limit / 2**30:.1f} GiB of {where}; give a smaller {worst}"
+                        + (" or --depth" if cfg.arch == "resnet_cifar" and worst in ("--width", "--batch-size") else ""))
 
 
 def check_writable_dir(path, attempts=20):
@@ -970,8 +976,9 @@ def resolve(cfg, explicit=()):
         if cfg.method not in METHOD_ONLY[k]:
             raise DataError(f"{flag(k)} applies to {' and '.join(METHOD_ONLY[k])}, not to --method {cfg.method} "
                             f"(the run would be the same without it, under another name); drop it")
+    split = data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type, cfg.n_max) if info.kind == "tensor" else None
     if info.kind == "tensor" and not cfg.smoke:
-        data_lt.check_split_sizes(cfg, data_lt.split_counts(cfg.dataset, cfg.imb, cfg.imb_type, cfg.n_max))
+        data_lt.check_split_sizes(cfg, split)
     if cfg.method == "etf" and feature_dim(cfg) < C - 1:
         raise DataError(f"etf on {cfg.dataset} needs a feature dimension >= {C - 1} for {C} ETF vertices; "
                         f"--width {cfg.width} gives {feature_dim(cfg)}: use --width {math.ceil((C - 1) / 4)} or more "
@@ -989,6 +996,9 @@ def resolve(cfg, explicit=()):
     pick_device(cfg.device)
     if cfg.nesterov and cfg.momentum == 0:
         raise DataError("--nesterov needs --momentum > 0")
+    if info.kind == "tensor" and not torch.isfinite(grw_weights(split, cfg.grw_rho)).all():
+        raise DataError(f"--grw-rho {cfg.grw_rho:g}: the class weights (N/N_c)^rho overflow for this split; give a "
+                        f"smaller --grw-rho (GLMC's commands: 1.0 or 1.2)")
     if cfg.cutout > info.size:                 # larger than the image: most images blanked, all from 2 x size
         raise DataError(f"--cutout {cfg.cutout}: a hole larger than the {info.size}-pixel images of {cfg.dataset} "
                         f"blanks most of them; give --cutout {info.size} or less (RBL's recipe: 16 on 32-pixel CIFAR)")
@@ -2390,9 +2400,12 @@ def main(argv=None):
         if extra["tables"]:
             if not os.path.isdir(extra["tables"]):
                 raise DataError(f"{extra['tables']} is not a directory of result JSONs")
-            if not collect(extra["tables"])[0]:
-                raise DataError(f"{extra['tables']} holds no finished result; run allnc.py or run_all.sh with "
-                                f"--out / RESULTS={extra['tables']} first")
+            runs, bad = collect(extra["tables"])
+            old = [b for b in bad if "earlier protocol" in b]
+            if not runs:
+                raise DataError(f"{extra['tables']} holds no finished result of this version" + (
+                    f" (only {len(old)} of an earlier protocol, e.g. {old[0]}): re-run them with this version"
+                    if old else f"; run allnc.py or run_all.sh with --out / RESULTS={extra['tables']} first"))
             print_tables(extra["tables"])
             return 0
         if extra["plot"]:

@@ -2063,6 +2063,8 @@ def test_tables_on_empty_dir_and_plot_on_wrong_file(tmp_path, capsys):
     (["--proj-dim", "1000000"], "--proj-dim 1000000: the run needs about"),
     (["--method", "ncmc", "--ncmc-f", "5000"], "--ncmc-f 5000: the run needs about"),
     (["--imb", "1e9"], "--imb 1e+09"),
+    (["--depth", "6000002"], "give a smaller --batch-size or --depth"),
+    (["--grw-rho", "1e12"], "--grw-rho 1e+12: the class weights (N/N_c)^rho overflow"),
     (["--dataset", "fmnist", "--imb", "1e6", "--n-max", "1000"], "--imb 1000 or less"),
     (["--cutout", "17"], "--cutout 17: a hole larger than the 16-pixel images of synthetic"),
     (["--dataset", "fmnist", "--cutout", "100"], "--cutout 100: a hole larger than the 28-pixel images"),
@@ -2095,9 +2097,10 @@ def test_cutout_is_refused_where_the_hole_outgrows_the_image(tmp_path):
 
 def test_memory_estimate_counts_the_real_parameters(tmp_path):
     """The --width term of the estimate is 12 bytes (weights, gradients, momentum) for each parameter
-    of the model build_model makes; NCMC's frame term covers its frame and centers buffers."""
+    of the model build_model makes (the CIFAR ResNet's counted without building it, odd widths and
+    deeper nets too); NCMC's frame term covers its frame and centers buffers."""
     info = data_lt.DATASETS["synthetic"]
-    for method, kw in (("allnc", {}), ("ce", {"width": 32}), ("rbl", {})):
+    for method, kw in (("allnc", {}), ("ce", {"width": 32}), ("rbl", {}), ("ce", {"width": 5, "depth": 20})):
         cfg = tiny_cfg(tmp_path, method=method, **kw)
         model = allnc.build_model(cfg, info.num_classes, [10] * info.num_classes, info.channels)
         enc_head = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("proj"))
@@ -2331,6 +2334,11 @@ def test_tables_keep_protocols_apart_and_leave_earlier_versions_out(tmp_path, ca
     allnc.print_tables(str(tmp_path))
     out = capsys.readouterr().out
     assert out.count("==== protocol:") == 2 and "width 64" in out and "width 16" in out and "old.json" in out
+    only_old = tmp_path / "only-old"
+    only_old.mkdir()
+    (only_old / "old.json").write_text(json.dumps(old))
+    r = main_here(capsys, "--tables", str(only_old))
+    assert r.returncode == 2 and "only 1 of an earlier protocol" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     batch = json.loads(json.dumps(r16)) | {"name": "batch"}     # the same run under GLMC's GRW reduction
     batch["config"]["grw_reduction"] = "batch"
     (tmp_path / "batch.json").write_text(json.dumps(batch))
