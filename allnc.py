@@ -149,7 +149,10 @@ class Config:
     # running
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     amp: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | off", choices=("auto", "bf16", "fp16", "off"))
-    compile: bool = opt(False, "torch.compile the model")
+    compile: bool = opt(False, "torch.compile the whole training step")
+    compile_mode: str = opt("default", "--compile's torch.compile mode: default | reduce-overhead (CUDA graphs: one "
+                            "launch per step) | max-autotune (also tunes kernels, slow to compile)",
+                            choices=("default", "reduce-overhead", "max-autotune"))
     dist_backend: str = opt("auto", "under torchrun: nccl (GPUs) | gloo (CPU processes) | auto (nccl on CUDA, "
                             "gloo on CPU)", choices=("auto", "nccl", "gloo"))
     eval_every: int = opt(1, "evaluate test top-1 every K epochs (and the last)")
@@ -563,7 +566,9 @@ class TrainState:
         self.eta_t = torch.ones((), device=device)   # eta as the step sees it: a tensor, so that a
         self.eta = 1.0                               # compiled step is not recompiled every epoch
         self.maxnorm_cap = None      # allnc++: MaxNorm's cap for the current stage (None: off)
-        self.step = torch.compile(STEPS[cfg.method]) if cfg.compile else STEPS[cfg.method]   # the whole step
+        self.step = STEPS[cfg.method]
+        if cfg.compile:                              # the whole step: forward, losses and (traced) backward
+            self.step = torch.compile(self.step, mode=cfg.compile_mode)
         self.mix_rng = np.random.RandomState(cfg.seed)    # mixup draws; re-seeded at every epoch
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp_mode(cfg, device))
 
@@ -626,6 +631,8 @@ def train_epoch(model, data, st, rs, epoch, lr, stage2=False):
     st.mix_rng = np.random.RandomState((cfg.seed * 100003 + epoch) % 2**32)
     sums = rs.epoch_sums()                   # a resumed epoch continues from its partial sums
     for i, (xs, y) in enumerate(data.train_batches(epoch, views, start=sums.step), start=sums.step):
+        if cfg.compile:        # a new step: its CUDA graphs (reduce-overhead) may reuse the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with st.autocast():
             loss, terms = rs.forward(step_fn, xs, y, stage2)     # DDP around it under torchrun
         rs.backward(loss)
@@ -811,8 +818,8 @@ ICPA_JSON_MAX = 100      # classes up to which the ICPA matrices stay inside the
 
 
 # Fields that do not change what a run computes; left out of the run name's hash.
-NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "nc_every", "dist_backend",
-                "data_root", "download", "train_list", "test_list"}
+NOT_IDENTITY = {"out", "name", "force", "workers", "device", "amp", "compile", "compile_mode", "nc_every",
+                "dist_backend", "data_root", "download", "train_list", "test_list"}
 
 
 # Fields added after results existed: left out of the hash at their default, so old names still match.
@@ -999,6 +1006,11 @@ def resolve(cfg, explicit=()):
     if info.kind == "tensor" and not torch.isfinite(grw_weights(split, cfg.grw_rho)).all():
         raise DataError(f"--grw-rho {cfg.grw_rho:g}: the class weights (N/N_c)^rho overflow for this split; give a "
                         f"smaller --grw-rho (GLMC's commands: 1.0 or 1.2)")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise DataError(f"--compile-mode {cfg.compile_mode} applies to the compiled step; add --compile")
+    if cfg.compile_mode != "default" and cfg.method == "rbl":
+        raise DataError(f"--compile-mode {cfg.compile_mode} captures the step in CUDA graphs, which rbl's step cannot "
+                        f"enter (its rotation's matrix_exp reads the device from the host); use --compile-mode default")
     if cfg.cutout > info.size:                 # larger than the image: most images blanked, all from 2 x size
         raise DataError(f"--cutout {cfg.cutout}: a hole larger than the {info.size}-pixel images of {cfg.dataset} "
                         f"blanks most of them; give --cutout {info.size} or less (RBL's recipe: 16 on 32-pixel CIFAR)")
@@ -2278,6 +2290,8 @@ def benchmark(cfg, steps=20, warm=5):
     def full(batch):
         xs, yy = batch
         t0 = time.time()
+        if cfg.compile:
+            torch.compiler.cudagraph_mark_step_begin()
         with st.autocast():
             loss, _ = st.step(model, xs, yy, st)
         opt.zero_grad(set_to_none=True)

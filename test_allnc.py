@@ -1964,7 +1964,7 @@ BAD_VALUES = {   # field -> invalid command-line values (every Config field that
     "grw_reduction": ["foo"], "p2p_space": ["foo"], "randaug": ["foo"], "lt_subset": ["foo"], "loader": ["foo"],
     "amp": ["foo"], "heads": ["3"], "proj": ["foo"], "maxnorm_mode": ["foo"], "maxnorm_every": ["foo"],
     "ncmc_centers": ["foo"], "lr_schedule": ["foo"], "recipe": ["foo"], "dist_backend": ["foo"],
-    "head_init": ["foo"], "wb_stage2_bn": ["foo"],
+    "head_init": ["foo"], "wb_stage2_bn": ["foo"], "compile_mode": ["foo"],
 }
 
 
@@ -1975,7 +1975,10 @@ BAD_COMBINATIONS = [["--dataset", "cifar100", "--method", "etf", "--width", "16"
                     ["--n-max", "3", "--imb", "100"], ["--batch-size", "100000"],
                     ["--imb-type", "pareto", "--n-max", "3", "--imb", "100"], ["--method", "ce", "--gamma", "3"],
                     ["--method", "ce", "--wb-stage2-epochs", "2"], ["--method", "allnc", "--rbl-tau", "2"],
-                    ["--method", "etf", "--ncmc-f", "4"], ["--method", "rbl", "--no-hycon"]]
+                    ["--method", "etf", "--ncmc-f", "4"], ["--method", "rbl", "--no-hycon"],
+                    # a mode without --compile does nothing; rbl's step cannot enter a CUDA graph
+                    ["--compile-mode", "reduce-overhead"],
+                    ["--method", "rbl", "--compile", "--compile-mode", "max-autotune"]]
 
 
 def test_every_field_rejects_its_invalid_values(tmp_path, capsys):
@@ -2451,15 +2454,23 @@ HOST_READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_uni
               "unique_consecutive", "bincount", "item")
 
 
-@pytest.mark.parametrize("method,kw", [("allnc", {}), ("allnc", {"heads": 2, "p2p_space": "feature"}),
-                                       ("allnc", {"p2p_w": "unit", "grw_reduction": "batch"}),
-                                       ("ce", {"mixup": 1.0}), ("etf", {}), ("ncmc", {}),
-                                       ("allnc++", {"maxnorm_every": "step"})])
-def test_step_is_capture_safe(tmp_path, method, kw):
+@pytest.mark.parametrize("method,kw,mode", [
+    ("allnc", {}, None), ("allnc", {"heads": 2, "p2p_space": "feature"}, None),
+    ("allnc", {"p2p_w": "unit", "grw_reduction": "batch"}, None), ("ce", {"mixup": 1.0}, None), ("etf", {}, None),
+    ("ncmc", {}, None), ("allnc++", {"maxnorm_every": "step"}, None),
+    # the step as --compile hands it to torch.compile under each --compile-mode
+    ("allnc", {}, "default"), ("allnc", {}, "reduce-overhead"), ("allnc", {}, "max-autotune"),
+    ("allnc", {"heads": 2, "p2p_space": "feature"}, "reduce-overhead"), ("etf", {}, "reduce-overhead"),
+    ("ncmc", {}, "reduce-overhead"), ("allnc++", {"maxnorm_every": "step"}, "reduce-overhead")])
+def test_step_is_capture_safe(tmp_path, monkeypatch, method, kw, mode):
     """What a CUDA graph can capture: the step, backward and the optimizer's update call no operator that
     reads the device from the host or has a data-dependent shape (seen at the dispatcher, below every
     Python wrapper). RBL is the named exception: its rotation's matrix_exp reads the host, so it stays
-    eager on the GPU (README)."""
+    eager on the GPU and --compile-mode other than default is refused for it (README). mode: the step as
+    TrainState compiles it with that --compile-mode, traced whole (fullgraph: a graph break would leave
+    host code between the graphs); the operators of its forward and backward graphs (what inductor and
+    the CUDA graphs get; the mode only changes what inductor emits) are read from the graphs, since
+    dynamo runs nothing under a dispatch mode; the backward's graph runs under it all the same."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class HostReads(TorchDispatchMode):
@@ -2472,24 +2483,44 @@ def test_step_is_capture_safe(tmp_path, method, kw):
                 self.seen.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    cfg, data, st, model = tiny_setup(tmp_path, method=method, **kw)
+    modes, graph_ops = [], []
+    if mode:
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def ops_of(gm, example_inputs):
+            graph_ops.extend(str(n.target).split(".")[1] for n in gm.graph.nodes if str(n.target).startswith("aten."))
+            return make_boxed_func(gm.forward)
+        real = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **k: modes.append(mode) or real(
+            fn, backend=aot_autograd(fw_compiler=ops_of, bw_compiler=ops_of), fullgraph=True))
+        torch._dynamo.reset()
+    cfg, data, st, model = tiny_setup(tmp_path, method=method, compile=bool(mode), compile_mode=mode or "default", **kw)
+    assert modes == ([mode] if mode else [])
     st.eta = 0.5
     opt = allnc.make_optimizer(model, cfg)
     cap = allnc.maxnorm_cap(model.head.fc.weight, 0.1) if method == "allnc++" else None
     batches = iter(data.train_batches(1, allnc.VIEWS[method]))
+    seen = []
     for i in range(2):                     # the first step creates the momentum buffers (eager warm-up)
         xs, y = next(batches)
-        with HostReads() if i else nullcontext() as mode:
-            loss, _ = allnc.STEPS[method](model, xs, y, st)
+        with HostReads() if i and not mode else nullcontext() as reads:
+            loss, _ = st.step(model, xs, y, st)
+        seen += reads.seen if reads else []
+        with HostReads() if i else nullcontext() as reads:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if cap is not None:
                 allnc.max_norm_(model.head.fc.weight, cap)
-    assert mode.seen == [], sorted(set(mode.seen))
-    with HostReads() as mode:              # the check can fail: the same mode sees .item()
+        seen += reads.seen if reads else []
+    assert seen == [], sorted(set(seen))
+    if mode:                               # one forward and one backward graph, and what they call
+        assert "convolution" in graph_ops and "convolution_backward" in graph_ops, sorted(set(graph_ops))
+        assert not set(graph_ops) & set(HOST_READS), sorted(set(graph_ops) & set(HOST_READS))
+    with HostReads() as reads:             # the check can fail: the same mode sees .item()
         loss.item()
-    assert mode.seen == ["_local_scalar_dense"]
+    assert reads.seen == ["_local_scalar_dense"]
 
 
 def test_compiled_step_is_not_recompiled_when_eta_changes(tmp_path, monkeypatch):
