@@ -538,14 +538,21 @@ def max_norm_(W, cap):
         W.mul_((cap / W.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
 
 
+def gpu_path(device):
+    """Whether a run on `device` makes the GPU's choices: fused SGD, bf16 autocast by default (fp16 with a
+    GradScaler), channels_last, cudnn.benchmark. torch has each of them on the CPU too, so a test that
+    makes this true there reaches every line of a GPU run but the device placement."""
+    return device.type == "cuda"
+
+
 def make_optimizer(model, cfg, stage2=False):
     if stage2:
         params, lr, wd = model.head.parameters(), cfg.wb_stage2_lr, cfg.wb_stage2_wd
     else:
         params, lr, wd = model.parameters(), cfg.lr, cfg.wd
-    cuda = next(model.parameters()).is_cuda
+    fused = gpu_path(next(model.parameters()).device)   # one kernel, and no GradScaler sync
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov and not stage2,
-                           fused=cuda or None)     # fused on CUDA: one kernel, and no GradScaler sync
+                           fused=fused or None)
 
 # ==============================================================================================
 # The training loop: Algorithm 1 epoch by epoch; the run's machinery (checkpoints, resume,
@@ -1046,7 +1053,7 @@ def run_name(cfg):
 # progress, GradScaler, DDP; and an epoch's loss sums
 
 def amp_mode(cfg, device):
-    return cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+    return cfg.amp if cfg.amp != "auto" else ("bf16" if gpu_path(device) else "off")
 
 
 class Run:
@@ -1058,8 +1065,8 @@ class Run:
         self.cfg, self.dist, self.ck_path = cfg, dist or Dist(), ck_path
         self.say = say or (lambda *a: None)
         self.opt = make_optimizer(model, cfg)
-        fp16 = amp_mode(cfg, st.device) == "fp16" and st.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        fp16 = amp_mode(cfg, st.device) == "fp16" and gpu_path(st.device)
+        self.scaler = torch.amp.GradScaler(st.device.type) if fp16 else None
         self.log, self.start, self.partial = [], 1, None      # partial: a preempted epoch's sums and step
         self.best_model = None       # a CPU copy of the best test epoch's weights (checkpointed with the run)
         self.ddp, self.ddp_stage = None, None   # under torchrun: DDP around the step, for this stage
@@ -1619,7 +1626,7 @@ def finished_result(cfg, res_path, dist, say):
 def train_run(cfg, name, res_path, device, dist, say, quiet):
     """Set up data, model, method and run state (resuming where a checkpoint says), train, write."""
     torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
+    if gpu_path(device):
         torch.backends.cudnn.benchmark = True
     data = dist.local_first(lambda: data_lt.Data(cfg, device, VIEWS[cfg.method], dist.rank, dist.world))
     st = TrainState(cfg, data, device, dist)
@@ -1627,7 +1634,7 @@ def train_run(cfg, name, res_path, device, dist, say, quiet):
     if dist.on:                  # BatchNorm statistics of the global batch
         model = models.sync_batchnorm(model, device)
     model = model.to(device)
-    if device.type == "cuda":
+    if gpu_path(device):
         model = model.to(memory_format=torch.channels_last)
     rs = Run(cfg, model, st, dist, say, res_path[:-5] + ".ckpt")
     rs.resume(name)
@@ -2273,7 +2280,7 @@ def benchmark(cfg, steps=20, warm=5):
 
     torch.manual_seed(0)
     model = build_model(cfg, data.C, data.counts, data.in_channels).to(device)
-    if cuda:
+    if gpu_path(device):
         model = model.to(memory_format=torch.channels_last)
     B = cfg.batch_size * V
     gen = torch.Generator().manual_seed(1)

@@ -1735,6 +1735,44 @@ def test_bf16_autocast_path_runs(tmp_path):
     assert auto is (torch.bfloat16 if DEVICE.type == "cuda" else None)
 
 
+@pytest.mark.parametrize("amp,compiled", [("auto", False), ("fp16", False), ("auto", True)])
+def test_the_gpu_configuration_runs_on_the_cpu(tmp_path, monkeypatch, amp, compiled):
+    """A GPU run's choices (gpu_path: fused SGD, bf16 autocast by default, fp16 with a GradScaler,
+    channels_last, cudnn.benchmark; with --compile the step marked for CUDA graphs) made on the CPU,
+    where torch has each: the run, its checkpoint with the scaler and the benchmark go through the lines
+    a GPU run takes, and the run learns as the CPU's own configuration does."""
+    monkeypatch.setattr(allnc, "gpu_path", lambda device: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)       # restored after the test
+    if compiled:                       # the step compiled for a GPU's CUDA graphs, traced here without inductor
+        real = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **k: real(fn, backend="aot_eager", fullgraph=True))
+        torch._dynamo.reset()
+    runs = []
+    real_init = allnc.Run.__init__
+    monkeypatch.setattr(allnc.Run, "__init__", lambda self, *a, **k: (real_init(self, *a, **k), runs.append(self))[0])
+    fp16 = amp == "fp16"               # the CPU's fp16 kernels are slow: one short epoch, which need not learn
+    cfg = tiny_cfg(tmp_path, amp=amp, epochs=1 if fp16 else 2, n_max=40 if fp16 else None, nc_every=0, augment=False,
+                   batch_size=32, compile=compiled, compile_mode="reduce-overhead" if compiled else "default")
+    res = allnc.run(cfg, quiet=True)
+    rs = runs[0]
+    assert rs.opt.defaults["fused"] is True and torch.backends.cudnn.benchmark
+    assert rs.st.dtype == (torch.float16 if fp16 else torch.bfloat16)
+    assert isinstance(rs.scaler, torch.amp.GradScaler) == fp16
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in rs.model.parameters() if p.dim() == 4)
+    assert all(math.isfinite(r["loss"]) for r in res["log"]) and (fp16 or res["final"]["top1"] > 60), res["final"]
+    if fp16:                  # the scaler's state goes into the checkpoint and comes back
+        rs.ck_path = str(tmp_path / "ck.ckpt")
+        rs.scaler.update(1024.0)
+        rs.save_checkpoint(1)
+        back = allnc.Run(cfg, rs.model, rs.st, ck_path=rs.ck_path)
+        back.resume("r")
+        assert back.scaler.get_scale() == 1024.0 and back.start == 2
+    else:
+        bcfg = allnc.resolve(allnc.Config(dataset="synthetic", smoke=True, depth=8, device=DEV, workers=0, imb=100,
+                                          epochs=1, batch_size=32, out=str(tmp_path / "b"), compile=compiled))
+        assert allnc.benchmark(bcfg, steps=1, warm=1)["b"] > 0
+
+
 def test_progress_inside_an_epoch(capsys):
     p = allnc.Progress(total_epochs=3, steps=10, start_epoch=1, tty=False)
     p.every, p.last = 0.0, 0.0
