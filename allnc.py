@@ -2326,11 +2326,13 @@ def benchmark(cfg, steps=20, warm=5):
     n_test = 10000                                  # CIFAR's and Fashion-MNIST's test sets
     evals = cfg.epochs + (cfg.epochs // cfg.nc_every if cfg.nc_every else 0) * data.n_train() / n_test + 1
     total = cfg.epochs * n_steps * B / b_all + evals * n_test / fwd_rate
-    peak = (f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (CUDA)" if cuda else
-            f"{__import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (process RSS)")
+    peak_mib = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
+                __import__('resource').getrusage(__import__('resource').RUSAGE_SELF).ru_maxrss / 1024)
+    peak = f"{peak_mib:.0f} MiB ({'CUDA' if cuda else 'process RSS'})"
     print(f"benchmark: {cfg.dataset} (imb {cfg.imb:g}, {data.n_train()} images{', stand-in' if cfg.smoke else ''}), "
           f"{cfg.arch}-{cfg.depth} width {cfg.width}, RandAugment {cfg.randaug}, batch {cfg.batch_size} x {V} views, "
-          f"device {device}, amp {st.dtype or 'off'}, {steps} timed steps{', compiled' if cfg.compile else ''}, "
+          f"device {device}, amp {st.dtype or 'off'}, {steps} timed steps"
+          f"{f', compiled ({cfg.compile_mode})' if cfg.compile else ''}, "
           f"{torch.get_num_threads()} threads")
     rows = [("full training step", f"{b:.0f} images/s, {1000 * B / b:.2f} ms/step"),
             ("augmentation of an epoch, every view", f"{aug:.0f} images/s"),
@@ -2340,7 +2342,8 @@ def benchmark(cfg, steps=20, warm=5):
     rows.append((f"projected {cfg.epochs}-epoch run", f"{total / 60:.1f} min ({n_steps} steps/epoch, "
                                                       f"{evals:.0f} test-set-sized evaluations)"))
     print(format_table(("measurement", "value"), rows))
-    return {"b": b, "aug": aug, "b_all": b_all, "fwd": fwd_rate, "ms_step": 1000 * B / b, "total_s": total}
+    return {"b": b, "aug": aug, "b_all": b_all, "fwd": fwd_rate, "ms_step": 1000 * B / b, "total_s": total,
+            "peak_mib": peak_mib}
 
 
 def benchmark_loader(cfg, steps=20):
@@ -2367,6 +2370,130 @@ def benchmark_loader(cfg, steps=20):
     print(format_table(("workers", "images/s", "views/s", "views/s per worker"),
                        [[str(w), f"{r:.1f}", f"{r * V:.1f}", f"{r * V / max(w, 1):.1f}"] for w, r in rates.items()]))
     return rates
+
+
+def gpu_check(out, deadline_s=480):
+    """`bash run_all.sh --gpu-check`: what a first hour on a GPU should measure, as one table (printed
+    and written to OUT/gpu-check.txt; each part's output to OUT/gpu-check.log): the device tests of the
+    suite on it; the benchmark at widths 16 and 64, eager and compiled (default and reduce-overhead:
+    CUDA graphs); 1, 2, 4 and 8 concurrent benchmark processes, the aggregate images/s sizing JOBS and
+    Table II's time (48 runs of 200 epochs); with 2+ GPUs a 2-process NCCL run against 1 process. On
+    a machine without CUDA every part runs at a tiny size (stand-in data, depth 8, a few steps)."""
+    import io
+    import re
+    import subprocess
+    from contextlib import redirect_stdout
+    t_start, cuda, n_gpu = time.time(), torch.cuda.is_available(), torch.cuda.device_count()
+    os.makedirs(out, exist_ok=True)
+    size = (["--dataset", "cifar10", "--imb", "100", "--smoke"] if cuda else
+            ["--dataset", "synthetic", "--imb", "100", "--smoke", "--depth", "8", "--batch-size", "32"])
+    steps, warm, jobs = (100, 5, (1, 2, 4, 8)) if cuda else (2, 1, (1, 2))
+    here, py = os.path.dirname(os.path.abspath(__file__)), sys.executable
+    log = open(os.path.join(out, "gpu-check.log"), "w")
+    rows = []
+
+    def left():
+        return max(deadline_s - (time.time() - t_start), 30)
+
+    def sub(cmd, env=None, timeout=None):     # a part in its own process; its output goes to the log
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        try:
+            r = subprocess.run(cmd, cwd=here, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                               timeout=min(timeout or left(), left()))
+            log.write(r.stdout + r.stderr)
+            return r
+        except subprocess.TimeoutExpired as e:
+            log.write(f"timed out after {e.timeout:.0f} s\n")
+            return None
+
+    # the suite's device-dependent tests on this device (on a GPU: a sync raises, set_sync_debug_mode)
+    sel = ["-m", "device"] + ([] if cuda else ["-k", "never_syncs and allnc-kw0"])   # the CPU suite runs the rest
+    r = sub([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_allnc.py", *sel],
+            {"ALLNC_TEST_DEVICE": "cuda" if cuda else "cpu"}, timeout=240)
+    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|failed|error)", r.stdout if r else ""))
+    tests = (f"{counts.get('passed', 0)} passed, {counts.get('failed', 0) + counts.get('error', 0)} failed"
+             if r else "timed out") + ("" if cuda else " (one, here)")
+    rows.append(["device tests: pytest " + " ".join(sel), "", "", "", "", tests])
+
+    # the benchmark in this process: widths 16 and 64, eager and compiled
+    for width in (16, 64):
+        for compiled, mode in ((False, "default"), (True, "default"), (True, "reduce-overhead")):
+            what = f"benchmark width {width}, " + (f"--compile-mode {mode}" if compiled else "eager")
+            try:
+                cfg, extra = parse_args(size + ["--width", str(width), "--epochs", "200", "--out", out, "--workers", "0"]
+                                        + (["--compile", "--compile-mode", mode] if compiled else []))
+                resolve(cfg, extra["explicit"])
+                torch._dynamo.reset()
+                with redirect_stdout(io.StringIO()) as text:
+                    b = benchmark(cfg, steps, warm)
+                log.write(text.getvalue())
+                rows.append([what, f"{b['ms_step']:.2f}", f"{b['b']:.0f}", f"{b['total_s'] / 60:.1f} min",
+                             f"{b['peak_mib']:.0f} MiB", "compile disabled here" if compiled and
+                             torch._dynamo.config.disable else ""])
+            except Exception as e:            # one failing part must not cost the others
+                rows.append([what, "", "", "", "", f"failed: {type(e).__name__}: {str(e).strip()[:80]}"])
+
+    # N benchmark processes at once on the one device: their images/s summed (augmentation amortised)
+    rates = {}
+    for n in jobs:
+        cmd = [py, "allnc.py", "--benchmark", *size, "--epochs", "200", "--benchmark-steps", str(2 * steps),
+               "--out", out, "--workers", "0"]
+        env = {} if cuda else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+        log.write(f"\n$ {n} x {' '.join(cmd)}\n")
+        procs = [subprocess.Popen(cmd, cwd=here, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, **env}) for _ in range(n)]
+        try:
+            outs = [p.communicate(timeout=left())[0] for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            rows.append([f"{n} concurrent runs (JOBS={n})", "", "", "", "", "timed out"])
+            break
+        log.write("".join(outs))
+        got = [re.search(r"amortised \|\s*([\d.]+) images/s", o) for o in outs]
+        if not all(got):
+            rows.append([f"{n} concurrent runs (JOBS={n})", "", "", "", "", "failed (see the log)"])
+            continue
+        rates[n] = sum(float(g.group(1)) for g in got)
+        if n == 1:
+            alone = float(re.search(r"projected 200-epoch run\s*\|\s*([\d.]+) min", outs[0]).group(1))
+    if 1 in rates:                            # one run alone takes `alone`; N at once run rates[N] / rates[1] as fast
+        best = max(rates, key=rates.get)
+        for n, rate in rates.items():
+            rows.append([f"{n} concurrent runs (JOBS={n})", "", f"{rate:.0f}", f"{48 * alone * rates[1] / rate / 60:.1f} h",
+                         "", "Table II (48 runs x 200 epochs)" + (": best" if n == best else "")])
+
+    # the 2-process NCCL run against the 1-process run of the same seed
+    if n_gpu >= 2:
+        args = ["allnc.py", *size, "--depth", "8", "--epochs", "1", "--amp", "off", "--seed", "0", "--name", "r",
+                "--force", "--workers", "0"]
+        a = sub([py, *args, "--out", os.path.join(out, "gpu-check-1proc")], {"CUDA_VISIBLE_DEVICES": "0"})
+        b = sub([py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
+                 "--out", os.path.join(out, "gpu-check-nccl")])
+        try:
+            ra, rb = (json.load(open(os.path.join(out, d, "r.json"))) for d in ("gpu-check-1proc", "gpu-check-nccl"))
+            la, lb = ra["log"][-1]["loss"], rb["log"][-1]["loss"]
+            ta, tb = ra["final"]["top1"], rb["final"]["top1"]
+            ok = abs(la - lb) <= 0.02 * abs(la) and abs(ta - tb) <= 3
+            note = f"loss {la:.4f} vs {lb:.4f}, top-1 {ta:.2f} vs {tb:.2f}: {'agree' if ok else 'DIFFER'}"
+        except (OSError, ValueError, KeyError, IndexError):
+            note = f"failed (exit {a and a.returncode} / {b and b.returncode}; see the log)"
+        rows.append(["2-process NCCL run vs 1 process", "", "", "", "", note])
+    else:
+        rows.append(["2-process NCCL run vs 1 process", "", "", "", "", f"skipped: {n_gpu} GPU(s), it needs 2"])
+    log.close()
+
+    where = (f"{torch.cuda.get_device_name(0)} ({n_gpu} GPU(s)), torch {torch.__version__}" if cuda else
+             f"the CPU ({os.cpu_count()} cores; no CUDA), torch {torch.__version__}: every part at a tiny size "
+             f"(stand-in data, depth 8, {steps} timed steps), so the numbers are the CPU's, not a GPU's")
+    text = (f"gpu-check on {where}; {time.time() - t_start:.0f} s\n" +
+            format_table(("check", "ms/step", "images/s", "projected 200 epochs", "peak memory", "result"), rows))
+    path = os.path.join(out, "gpu-check.txt")
+    atomic_write(path, lambda f: f.write(text.encode() + b"\n"))
+    print(text)
+    print(f"wrote {path}; every part's output: {os.path.join(out, 'gpu-check.log')}")
+    return rows
 
 # ==============================================================================================
 # Command line
@@ -2399,8 +2526,11 @@ def parse_args(argv=None):
     p.add_argument("--eval", metavar="RESULT", help="re-evaluate a finished run from RESULT.json (final weights) or "
                    "its NAME.pt / NAME.best.pt, and print its table")
     p.add_argument("--benchmark-steps", type=int, default=20, help="timed steps per benchmark measurement")
+    p.add_argument("--gpu-check", action="store_true", help="the device tests, benchmarks, concurrent runs and "
+                   "(2+ GPUs) an NCCL run, as one table in --out (run_all.sh --gpu-check; tiny on a CPU)")
     a = p.parse_args(argv)
-    extra = {k: getattr(a, k) for k in ("tables", "plot", "benchmark", "benchmark_steps", "eval", "compare")}
+    extra = {k: getattr(a, k) for k in ("tables", "plot", "benchmark", "benchmark_steps", "eval", "compare",
+                                        "gpu_check")}
     names = {f.name for f in dataclasses.fields(Config)}
     given = (t[2:].split("=")[0].replace("-", "_") for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--"))
     extra["explicit"] = {g[3:] if g.startswith("no_") and g[3:] in names else g for g in given} & names
@@ -2413,11 +2543,15 @@ def main(argv=None):
     dist = Dist()                             # this process alone until torchrun's group is joined
     try:
         env = torchrun_env()
-        mode = next((k for k in ("tables", "plot", "eval", "benchmark") if extra[k]), None)
+        mode = next((k for k in ("tables", "plot", "eval", "benchmark", "gpu_check") if extra[k]), None)
         if env and env[1] > 1 and mode:
-            raise DataError(f"--{mode} runs in one process: start it with python, not torchrun")
+            raise DataError(f"{flag(mode)} runs in one process: start it with python, not torchrun")
         if env and env[1] > 1 and cfg.device.startswith("cuda:"):      # before resolve() looks for that GPU
             raise DataError(f"--device {cfg.device}: under torchrun each process takes cuda:LOCAL_RANK; give --device cuda")
+        if extra["gpu_check"]:
+            check_writable_dir(cfg.out)
+            gpu_check(cfg.out)
+            return 0
         if extra["tables"]:
             if not os.path.isdir(extra["tables"]):
                 raise DataError(f"{extra['tables']} is not a directory of result JSONs")

@@ -4,6 +4,9 @@
 #   bash run_all.sh                 # all tables, on CUDA with AMP (bf16), resumable
 #   bash run_all.sh --list          # print every configuration (table, command); run nothing
 #   bash run_all.sh --only VI       # one table: II III IV V VI VII 8 (Fig. 8)
+#   bash run_all.sh --gpu-check     # on a new GPU (8 minutes): the device tests, benchmarks eager / compiled /
+#                                   # CUDA graphs, JOBS 1-8 at once, NCCL; one table, in $RESULTS/gpu-check.txt.
+#                                   # Without CUDA the same parts at a tiny size, in a few minutes
 #   SCALE=smoke bash run_all.sh     # tiny generated stand-in data, 2 epochs, CPU: checks the pipeline
 #   SCALE=cpu bash run_all.sh       # the CPU study: real Fashion-MNIST-LT, small budget, 3 seeds, about
 #                                   # 50 minutes on two cores (README: "What the CPU study shows")
@@ -53,9 +56,10 @@ LIST=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --list) LIST=1 ;;
+    --gpu-check) exec "$PYTHON" allnc.py --gpu-check --out "$RESULTS" ;;
     --only) shift; ONLY=${1:-}; [ -n "$ONLY" ] || { echo "error: --only needs a table: II III IV V VI VII 8" >&2; exit 2; } ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
-    *) echo "error: unknown argument $1; use --list, --only TABLE or --help" >&2; exit 2 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument $1; use --list, --only TABLE, --gpu-check or --help" >&2; exit 2 ;;
   esac
   shift
 done

@@ -33,8 +33,10 @@ import models
 # `mutation` marks the tests of the mutation check (README). The layout has no pytest configuration
 # file to register a marker in, so pytest would warn (PytestUnknownMarkWarning) where the decorators
 # run, at this module's import: that one warning is filtered here, before them. `-m mutation` selects
-# by the marker all the same.
-warnings.filterwarnings("ignore", message=r"Unknown pytest\.mark\.mutation\b", category=pytest.PytestUnknownMarkWarning)
+# by the marker all the same. `device` marks the tests whose result depends on the device
+# (ALLNC_TEST_DEVICE): run_all.sh --gpu-check runs them on the GPU.
+warnings.filterwarnings("ignore", message=r"Unknown pytest\.mark\.(mutation|device)\b",
+                        category=pytest.PytestUnknownMarkWarning)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -602,6 +604,7 @@ def test_decoupled_scores_find_the_tail_the_head_misses():
 # Training steps and the loop: every method's step, Eq. 14 by hand, a batch split over processes,
 # AllNC++'s stage 2 and MaxNorm
 
+@pytest.mark.device
 @pytest.mark.mutation
 @pytest.mark.parametrize("method,space", [(m, "z") for m in allnc.METHODS] + [("allnc", "feature")])
 def test_each_method_trains_one_step(tmp_path, method, space):
@@ -1719,6 +1722,7 @@ def test_large_icpa_matrices_live_beside_the_json(tmp_path, monkeypatch):
     assert any(p.endswith("r-icpa.png") for p in written)
 
 
+@pytest.mark.device
 def test_bf16_autocast_path_runs(tmp_path):
     """The AMP code path (autocast + float32 losses) as CUDA uses it; with CPU bf16 in CI."""
     cfg = tiny_cfg(tmp_path, amp="bf16", epochs=2, nc_every=0, augment=False, batch_size=32)   # learns in 2 epochs
@@ -1735,6 +1739,7 @@ def test_bf16_autocast_path_runs(tmp_path):
     assert auto is (torch.bfloat16 if DEVICE.type == "cuda" else None)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("amp,compiled", [("auto", False), ("fp16", False), ("auto", True)])
 def test_the_gpu_configuration_runs_on_the_cpu(tmp_path, monkeypatch, amp, compiled):
     """A GPU run's choices (gpu_path: fused SGD, bf16 autocast by default, fp16 with a GradScaler,
@@ -2361,6 +2366,31 @@ def table_rows(out, title):
     return rows
 
 
+def test_run_all_gpu_check_on_the_cpu_prints_its_table_at_a_tiny_size(tmp_path):
+    """run_all.sh --gpu-check without CUDA: every part at a tiny size, one table (the one written to
+    RESULTS/gpu-check.txt) with a row per part. The compiles are left out here (TORCH_COMPILE_DISABLE:
+    inductor takes minutes on two cores; the capture-safety tests trace the compiled step) and the
+    table says so."""
+    r = run_all("--gpu-check", timeout=600, RESULTS=str(tmp_path), TORCH_COMPILE_DISABLE="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (tmp_path / "gpu-check.txt").read_text()
+    assert text.strip() in r.stdout and f"wrote {tmp_path / 'gpu-check.txt'}" in r.stdout
+    head, *table = text.strip().splitlines()
+    assert "on the CPU" in head and "tiny size" in head and "projected 200 epochs" in table[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
+    assert rows.pop("device tests: pytest -m device -k never_syncs and allnc-kw0")[-1].startswith("1 passed, 0 failed")
+    for width in (16, 64):
+        for what in ("eager", "--compile-mode default", "--compile-mode reduce-overhead"):
+            ms, rate, projected, peak, note = rows.pop(f"benchmark width {width}, {what}")
+            assert float(ms) > 0 and float(rate) > 0 and projected.endswith(" min") and peak.endswith(" MiB"), note
+            assert note == ("" if what == "eager" else "compile disabled here")
+    for n in (1, 2):
+        _, rate, projected, _, note = rows.pop(f"{n} concurrent runs (JOBS={n})")
+        assert float(rate) > 0 and projected.endswith(" h") and note.startswith("Table II (48 runs x 200 epochs)")
+    assert rows.pop("2-process NCCL run vs 1 process")[-1] == "skipped: 0 GPU(s), it needs 2"
+    assert rows == {}
+
+
 def test_tables_keep_protocols_apart_and_leave_earlier_versions_out(tmp_path, capsys):
     r16 = allnc.run(tiny_cfg(tmp_path, epochs=1, nc_every=0, dataset="synthetic"), quiet=True)
     assert r16["version"] == 3
@@ -2448,6 +2478,7 @@ def test_plot_needs_matplotlib_or_draws(tmp_path, capsys):
 SYNC_CALLS = ("item", "tolist", "cpu", "numpy", "__bool__", "nonzero")
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("method,kw", [("allnc", {}), ("allnc", {"heads": 2, "p2p_space": "feature"}),
                                        ("ce", {"mixup": 1.0}), ("etf", {}), ("rbl", {}), ("ncmc", {}),
                                        ("allnc++", {"maxnorm_every": "step"})])
@@ -2492,6 +2523,7 @@ HOST_READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_uni
               "unique_consecutive", "bincount", "item")
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("method,kw,mode", [
     ("allnc", {}, None), ("allnc", {"heads": 2, "p2p_space": "feature"}, None),
     ("allnc", {"p2p_w": "unit", "grw_reduction": "batch"}, None), ("ce", {"mixup": 1.0}, None), ("etf", {}, None),
@@ -2561,6 +2593,7 @@ def test_step_is_capture_safe(tmp_path, monkeypatch, method, kw, mode):
     assert reads.seen == ["_local_scalar_dense"]
 
 
+@pytest.mark.device
 def test_compiled_step_is_not_recompiled_when_eta_changes(tmp_path, monkeypatch):
     """eta changes every epoch; the compiled step must read it as a tensor, not bake it into the graph."""
     graphs = []
@@ -2584,6 +2617,7 @@ def test_compiled_step_is_not_recompiled_when_eta_changes(tmp_path, monkeypatch)
     assert seen[0] > 0 and seen[1] == seen[2] == seen[0], seen
 
 
+@pytest.mark.device
 def test_benchmark_reports_throughputs_and_projection(tmp_path, capsys):
     """What a user sizes a run with: the step's images/s and ms per step, the augmentation amortised
     over it, peak memory, and a projected run time of at least the training steps' time."""
