@@ -82,11 +82,12 @@ class Config:
                      "head for CE plus a rebalanced head for L_re + L_p(w), which predicts", choices=(1, 2))
     proj: str = opt("linear", "proj1/proj2: linear = GLMC's Linear(d,128) and Linear(128,128); mlp = SimSiam-style "
                     "Linear-BN-ReLU-Linear", choices=("linear", "mlp"))
-    proj_dim: int = opt(128, "output size of proj1 (z) and proj2 (h)")
+    proj_dim: int = opt(None, "output size of proj1 (z) and proj2 (h); default 128 on CIFAR-scale sets, 256 on "
+                        "ImageNet-LT/iNat (GLMC's two models)")
     pred_hidden: int = opt(64, "hidden size of proj2 with --proj mlp (SimSiam bottleneck)")
     head_init: str = opt(None, "learned Linear layers of heads and projections: kaiming (kaiming_normal_, GLMC's and "
                          "LDAM-DRW's CIFAR ResNet, default on CIFAR-scale sets) | torch (PyTorch's default; GLMC's "
-                         "ImageNet-LT/iNat models, default there)", choices=("kaiming", "torch"))
+                         "ImageNet-LT/iNat models and RBL's classifier, default there)", choices=("kaiming", "torch"))
     # AllNC (Eq. 8-14)
     gamma: float = opt(2.0, "GBBN exponent gamma of Eq. 13")
     alpha: float = opt(1.0, "weight alpha of L_con + L_p(mu~) in Eq. 14 (paper gives no default)")
@@ -164,12 +165,17 @@ class Config:
 
 # The paper's values by dataset (Sec. V-B: CIFAR-LT, and ImageNet-LT / iNaturalist with PaCo's
 # schedule), used where a flag is not given. Widths: GLMC's ResNet-32 on CIFAR (nf=64); 16 elsewhere.
-_CIFAR = dict(epochs=200, batch_size=64, lr=0.01, wd=5e-3, warmup=0, arch="resnet_cifar", width=16, head_init="kaiming")
-_BIG = dict(batch_size=128, lr=0.1, wd=2e-4, warmup=10, width=16, head_init="torch")
+# proj1/proj2: GLMC's ResNet_cifar.py Linear(d, 128), Linear(128, 128); its Resnet_LT.py 256 and 256.
+_CIFAR = dict(epochs=200, batch_size=64, lr=0.01, wd=5e-3, warmup=0, arch="resnet_cifar", width=16,
+              head_init="kaiming", proj_dim=128)
+_BIG = dict(batch_size=128, lr=0.1, wd=2e-4, warmup=10, width=16, head_init="torch", proj_dim=256)
 DATASET_DEFAULTS = {
     "cifar10": _CIFAR | {"width": 64}, "cifar100": _CIFAR | {"width": 64}, "fmnist": _CIFAR, "synthetic": _CIFAR,
     "imagenet_lt": _BIG | {"epochs": 90, "arch": "resnext50"}, "inat2018": _BIG | {"epochs": 100, "arch": "resnet50"},
 }
+# ... and by method, over the dataset's: RBL's classifier Linear(d, 256) sits outside the backbone whose
+# __init__ applies kaiming_normal_ (qqgroup66666/rbl models/resnet_balancedsoftmax.py), so it keeps PyTorch's.
+METHOD_DEFAULTS = {"rbl": {"head_init": "torch"}}
 
 
 def grw_rho_default(dataset, imb):
@@ -180,6 +186,11 @@ def grw_rho_default(dataset, imb):
     if dataset == "cifar100" or (dataset == "cifar10" and imb > 10):
         return 1.2
     return 1.0
+
+
+def defaults_for(dataset, method, imb):
+    """The values a field left unset (None) takes: the dataset's, the method's over them, GRW's rho."""
+    return DATASET_DEFAULTS[dataset] | METHOD_DEFAULTS.get(method, {}) | {"grw_rho": grw_rho_default(dataset, imb)}
 
 
 # --recipe own: each method's published recipe as Config overrides (README: "Baselines").
@@ -973,7 +984,7 @@ def resolve(cfg, explicit=()):
         raise DataError(f"--imb {cfg.imb:g} is below 1; the imbalance factor is N_max/N_min, use 1 for balanced data")
     info = data_lt.DATASETS[cfg.dataset]
     big = info.kind == "folder"
-    for k, v in (DATASET_DEFAULTS[cfg.dataset] | {"grw_rho": grw_rho_default(cfg.dataset, cfg.imb)}).items():
+    for k, v in defaults_for(cfg.dataset, cfg.method, cfg.imb).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     for k, (ok, what) in RULES.items():
@@ -1857,7 +1868,8 @@ PROTOCOL_FIELDS = ("proj", "head_init", "maxnorm", "maxnorm_mode", "maxnorm_ever
 def protocol_key(cfg):
     """Everything besides method, data and the ablations that changes what a run computes; a field
     off its default (the dataset's, else Config's) is named."""
-    default = lambda k: DATASET_DEFAULTS[cfg["dataset"]].get(k, Config.__dataclass_fields__[k].default)
+    ours = defaults_for(cfg["dataset"], cfg["method"], cfg["imb"])
+    default = lambda k: ours.get(k, Config.__dataclass_fields__[k].default)
     extra = " ".join(f"{k}={cfg[k]}" for k in PROTOCOL_FIELDS if cfg[k] != default(k))
     return (protocol_line(cfg), cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["wd"], extra)
 

@@ -409,10 +409,38 @@ def test_heads_and_projections_start_as_glmc_initialises_them(tmp_path, method, 
         assert torch.allclose(R @ R.t(), torch.eye(R.shape[0]), atol=1e-5)
 
 
-def test_head_init_defaults_by_dataset():
-    assert allnc.resolve(allnc.Config(dataset="cifar10")).head_init == "kaiming"
-    assert allnc.resolve(allnc.Config(dataset="fmnist")).head_init == "kaiming"
-    assert allnc.resolve(allnc.Config(dataset="imagenet_lt", imb_type="pareto")).head_init == "torch"
+def test_head_init_defaults_by_dataset_and_method(tmp_path):
+    """kaiming on CIFAR-scale sets (GLMC's ResNet_cifar.py), PyTorch's default on ImageNet-LT / iNat (its
+    Resnet_LT.py) and for RBL everywhere: its classifier Linear(64, 256) is built outside the ResNet_Cifar
+    whose __init__ runs self.apply(_weights_init) (qqgroup66666/rbl models/resnet_balancedsoftmax.py).
+    A flag the user gives wins."""
+    res = lambda **kw: allnc.resolve(allnc.Config(**kw), explicit=tuple(k for k in kw if k == "head_init"))
+    assert res(dataset="cifar10").head_init == "kaiming"
+    assert res(dataset="fmnist").head_init == "kaiming"
+    assert res(dataset="fmnist", method="ce").head_init == "kaiming"
+    assert res(dataset="imagenet_lt", imb_type="pareto").head_init == "torch"
+    assert res(dataset="cifar10", method="rbl").head_init == "torch"
+    assert res(dataset="fmnist", method="rbl").head_init == "torch"
+    assert res(dataset="fmnist", method="rbl", head_init="kaiming").head_init == "kaiming"
+    cfg = allnc.resolve(allnc.Config(dataset="synthetic", imb=10.0, depth=8, width=64, method="rbl", out=str(tmp_path)))
+    torch.manual_seed(0)
+    fc = allnc.build_model(cfg, 10, [100] * 10, 3).head.fc          # Linear(256, 256): PyTorch's U(+-1/sqrt(256))
+    assert fc.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 256), rel=0.05)
+    assert fc.weight.abs().max().item() <= 1 / math.sqrt(256)
+
+
+def test_projection_widths_follow_glmcs_models_by_dataset(tmp_path):
+    """proj1 / proj2: GLMC's ResNet_cifar.py Linear(d, 128), Linear(128, 128); its Resnet_LT.py (ImageNet-LT,
+    iNaturalist) projection_head Linear(2048, 256), contrast_head Linear(256, 256). --proj-dim wins."""
+    for dataset, want in (("cifar10", 128), ("fmnist", 128), ("imagenet_lt", 256), ("inat2018", 256)):
+        assert allnc.resolve(allnc.Config(dataset=dataset, imb_type="pareto" if dataset in ("imagenet_lt", "inat2018")
+                                          else "exp")).proj_dim == want, dataset
+    assert allnc.resolve(allnc.Config(dataset="inat2018", imb_type="pareto", proj_dim=64)).proj_dim == 64
+    cfg = allnc.resolve(allnc.Config(dataset="imagenet_lt", imb_type="pareto", imb=1.0, out=str(tmp_path)))
+    model = allnc.build_model(cfg, 1000, [10] * 1000, 3)
+    assert (model.proj1.in_features, model.proj1.out_features) == (2048, 256)
+    assert (model.proj2.in_features, model.proj2.out_features) == (256, 256)
+    assert tuple(model.mu_run.shape) == (1000, 256)
 
 
 def test_simplex_etf_definition():
