@@ -803,7 +803,11 @@ def folder_samples(dataset, root, train, imb=1, imb_type="pareto", train_list=No
         raise DataError(f"{sub} not found; {dataset} needs --data-root with train/ and val/ "
                         f"ImageFolder directories (one folder per class), or --train-list/--test-list")
     from torchvision.datasets import ImageFolder
-    ds = ImageFolder(sub)
+    try:
+        ds = ImageFolder(sub)
+    except FileNotFoundError as e:               # no class folder, or no image in any of them
+        raise DataError(f"{sub} is not an ImageFolder directory ({str(e).rstrip('.')}): {dataset} needs one "
+                        f"folder of images per class in train/ and val/, or --train-list/--test-list") from None
     C = len(ds.classes)
     if not train:
         return ds.samples, C

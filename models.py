@@ -291,10 +291,12 @@ def all_reduce_sum(t):
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with the statistics of the global batch of a torchrun job on CPU processes (gloo),
-    where nn.SyncBatchNorm refuses to run. In training the per-channel sum, sum of squares and count
-    are all-reduced (float64, with gradient: backward sees the global batch too); evaluation uses
-    the running statistics, updated as nn.BatchNorm's (unbiased variance, momentum)."""
+    """BatchNorm with the statistics of the global batch of a torchrun job, on GPUs (NCCL) and CPU
+    processes (gloo) alike. In training the per-channel sum, sum of squares and count are all-reduced
+    in one call (float64, with gradient: backward sees the global batch too); evaluation uses the
+    running statistics, updated as nn.BatchNorm's (unbiased variance, momentum). Unlike
+    nn.SyncBatchNorm, whose forward indexes its counts by a mask (a host read per layer and step,
+    and a graph break under torch.compile), nothing here reads the device."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -304,14 +306,14 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         C, dims = x.shape[1], [0] + list(range(2, x.dim()))
-        xd = x.double()
+        xd = x.double()                 # E[x^2] - E[x]^2: float32 squares lose the variance (measured)
         stats = all_reduce_sum(torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_full((1,), x.numel() / C)]))
         n = stats[-1]
         mean = stats[:C] / n
         var = (stats[C:2 * C] / n - mean * mean).clamp(min=0)
         with torch.no_grad():
             self.num_batches_tracked += 1
-            m = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+            m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked   # a tensor
             self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
             self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1).clamp(min=1)).to(self.running_var.dtype))
         shape = [1, C] + [1] * (x.dim() - 2)
@@ -319,12 +321,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 
-def sync_batchnorm(module, device):
+def sync_batchnorm(module):
     """Every BatchNorm of `module` computing its statistics over the global batch of a torchrun job:
-    nn.SyncBatchNorm on CUDA (NCCL), GlobalBatchNorm on CPU. Parameters and buffers are kept (the
-    same tensors), so state dicts and checkpoints are those of the plain model."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    GlobalBatchNorm on every device. Parameters and buffers are kept (the same tensors), so state
+    dicts and checkpoints are those of the plain model."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                              module.track_running_stats)
@@ -334,7 +334,7 @@ def sync_batchnorm(module, device):
         bn.train(module.training)
         return bn
     for name, child in module.named_children():
-        setattr(module, name, sync_batchnorm(child, device))
+        setattr(module, name, sync_batchnorm(child))
     return module
 
 

@@ -10,8 +10,9 @@
 #   SCALE=smoke bash run_all.sh     # tiny generated stand-in data, 2 epochs, CPU: checks the pipeline
 #   SCALE=cpu bash run_all.sh       # the CPU study: real Fashion-MNIST-LT, small budget, 3 seeds, about
 #                                   # 50 minutes on two cores (README: "What the CPU study shows")
-#   SCALE=cpu-long bash run_all.sh  # the same data at the paper's 200 epochs: Table II's methods (seeds 0 1 2),
-#                                   # Table VII's ablations and gamma 1, 4 (seeds 0 1); hours on two cores
+#   SCALE=cpu-long bash run_all.sh  # the same data at the paper's 200 epochs: Table II's methods and AllNC with
+#                                   # P2P's means in the other space, balanced Table V (seeds 0 1 2), Table VII's
+#                                   # ablations and gamma 1, 4 (seeds 0 1); hours on two cores
 #
 # Settings (environment variables):
 #   SEEDS="0"              seeds per configuration; "0 1 2" makes the tables show mean±std
@@ -66,7 +67,26 @@ done
 ONLY=${ONLY#Table }; ONLY=${ONLY#Fig. }; ONLY=${ONLY#Fig}
 case "$ONLY" in ""|II|III|IV|V|VI|VII|8) ;; *) echo "error: --only $ONLY: use II III IV V VI VII or 8" >&2; exit 2 ;; esac
 case "$SCALE" in full|smoke|cpu|cpu-long) ;; *) echo "error: SCALE=$SCALE: use full, smoke, cpu or cpu-long" >&2; exit 2 ;; esac
-[ "$NPROC" -ge 1 ] 2>/dev/null || { echo "error: NPROC=$NPROC: give the processes per run, a positive integer" >&2; exit 2; }
+# Settings are checked before anything starts: one line naming the setting and what to give, exit 2
+bad() { echo "error: $1" >&2; exit 2; }
+posint() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
+posint "$NPROC" || bad "NPROC=$NPROC: give the processes per run, a positive integer"
+[ -z "${JOBS:-}" ] || posint "$JOBS" || bad "JOBS=$JOBS: give the runs at a time, a positive integer"
+[ -z "$WIDTH" ] || posint "$WIDTH" || bad "WIDTH=$WIDTH: give the CIFAR ResNet base width, a positive integer (16 or 64)"
+[[ "$SEEDS" =~ ^[[:space:]]*[0-9]+([[:space:]]+[0-9]+)*[[:space:]]*$ ]] ||
+  bad "SEEDS=$SEEDS: give seeds as non-negative integers separated by spaces, e.g. SEEDS=\"0 1 2\""
+given_gpus=${GPUS:-}
+for g in ${given_gpus//,/ }; do
+  [[ "$g" =~ ^([0-9]+|(GPU|MIG)-[0-9A-Fa-f-]+)$ ]] || bad "GPUS=$GPUS: give GPU ids (indices or UUIDs) separated by spaces or commas, e.g. GPUS=\"0 1\""
+done
+check_python() {  # the interpreter runs allnc.py, and EXTRA's flags are allnc.py's
+  local err
+  err=$("$PYTHON" -c 'import sys, allnc; allnc.parse_args(["--dataset", "synthetic"] + sys.argv[1:])' $EXTRA 2>&1 >/dev/null) && return
+  if ! "$PYTHON" -c 'import allnc' >/dev/null 2>&1; then
+    bad "PYTHON=$PYTHON cannot import allnc.py (torch, torchvision, numpy): give an interpreter with requirements.txt installed"
+  fi
+  bad "EXTRA=$EXTRA: $(echo "$err" | tail -n1 | sed 's/^error: //')"
+}
 
 launcher() {  # table -> how its runs start: one process, or torchrun with NPROC (Tables III and IV)
   case "$1" in "Table III"|"Table IV") if [ "$NPROC" -gt 1 ]; then
@@ -109,6 +129,10 @@ cpu_configs() {
 cpu_long_configs() {
   local m a g
   for m in allnc ce etf rbl ncmc allnc++; do printf 'Table II\t--dataset fmnist --imb 100 --method %s\t0 1 2\n' $m; done
+  # the other reading of where P2P takes its class means (Table II gives it rows of its own)
+  for m in allnc allnc++; do printf 'Table II\t--dataset fmnist --imb 100 --method %s --p2p-space feature\t0 1 2\n' $m; done
+  # Table V at this scale: balanced, N_max 248 (2,480 images, the long-tailed split's 2,478: the same cost)
+  for m in allnc ce; do printf 'Table V\t--dataset fmnist --imb 1 --method %s\t0 1 2\n' $m; done
   for g in 1 4; do printf 'Table VI\t--dataset fmnist --imb 100 --method allnc --gamma %s\t0 1\n' $g; done
   for a in --no-hycon --no-p2p --no-gbbn --fixed-gamma; do
     printf 'Table VII\t--dataset fmnist --imb 100 --method allnc %s\t0 1\n' $a
@@ -184,8 +208,10 @@ else
   SCALE_ARGS=""
 fi
 STAGE2_ARGS=${STAGE2_ARGS:-}
-scale_args() {  # the scale's flags for one configuration: stage-2 epochs only where there is a stage 2
-  case " $1 " in *" --method allnc++ "*) echo "$SCALE_ARGS${STAGE2_ARGS:+ $STAGE2_ARGS}" ;; *) echo "$SCALE_ARGS" ;; esac
+scale_args() {  # the scale's flags for one configuration: stage-2 epochs only where there is a stage 2;
+  local a=$SCALE_ARGS  # balanced rows of the CPU studies keep the long-tailed split's size
+  case " $1 " in *" --imb 1 "*) a=${a/--n-max 1000/--n-max 248} ;; esac
+  case " $1 " in *" --method allnc++ "*) echo "$a${STAGE2_ARGS:+ $STAGE2_ARGS}" ;; *) echo "$a" ;; esac
 }
 
 if [ "$LIST" = 1 ]; then
@@ -197,6 +223,7 @@ if [ "$LIST" = 1 ]; then
   exit 0
 fi
 
+check_python
 mkdir -p "$RESULTS/logs"
 # AllNC++ runs last: its stage 1 is the AllNC run of the same config, which it then continues from
 # (allnc.py waits for one still training)
@@ -207,7 +234,7 @@ mapfile -t RUNS < <({ selected | grep -v -- '--method allnc++'; selected | grep 
 done)
 
 GPU_LIST=(${GPUS:-${CUDA_VISIBLE_DEVICES:-}}); GPU_LIST=(${GPU_LIST[@]//,/ })
-JOBS=${JOBS:-${#GPU_LIST[@]}}; [ "$JOBS" -ge 1 ] 2>/dev/null || JOBS=1
+JOBS=${JOBS:-${#GPU_LIST[@]}}; [ "$JOBS" -ge 1 ] || JOBS=1
 FAILED="$RESULTS/logs/failed.$$"; : > "$FAILED"
 trap 'echo; echo "interrupted: run the same command again to resume" >&2; kill 0 2>/dev/null; exit 130' INT TERM
 

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import allnc
 import data_lt
@@ -531,6 +532,21 @@ def test_ncmc_centers_frames_and_loss():
     feat = torch.randn(5, 256)
     logits, h = head(feat)
     assert torch.equal(logits.argmax(1), (F.normalize(feat, dim=1) @ head.w.t()).argmax(1))
+
+
+def test_ncmc_loss_is_float32_under_autocast():
+    """NCMC's loss as every other loss: float32 under bf16 autocast, where its einsum would otherwise
+    run as a bf16 bmm (8 mantissa bits: a relative error of about 1e-3 in each cosine)."""
+    k = models.ncmc_center_counts([500, 300, 100, 50, 20, 10, 5, 5, 5, 5], 20)
+    head = models.MultiCenterHead(256, 10, k, f=20, theta=0.2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g)
+    exact = allnc.ncmc_loss(x.double(), head.V.double(), head.mask, head.k.double(), y, 0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = allnc.ncmc_loss(x, head.V, head.mask, head.k, y, 0.2)
+        bf16_cos = torch.einsum("bd,bkd->bk", F.normalize(x, dim=1), head.V[y])      # what autocast makes of it
+    assert got.dtype == torch.float32 and bf16_cos.dtype == torch.bfloat16
+    assert got.item() == pytest.approx(exact.item(), rel=1e-6)
 
 
 @pytest.mark.mutation
@@ -1415,7 +1431,7 @@ def test_mixup_mixes_inputs_and_both_labels_by_hand(tmp_path, method):
 @pytest.mark.mutation
 @pytest.mark.parametrize("method", ["ce", "etf", "ncmc"])
 def test_mixup_at_lambda_one_is_the_plain_loss(tmp_path, method):
-    cfg, data, st, model = tiny_setup(tmp_path, method=method, mixup=1.0)
+    cfg, data, st, model = tiny_setup(tmp_path, init_seed=1, method=method, mixup=1.0)   # fixed weights: the same test in any order
     model.eval()
     (x,), y = next(iter(data.train_batches(1, 1)))
 
@@ -1768,14 +1784,19 @@ def test_bf16_autocast_path_runs(tmp_path):
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("amp,compiled", [("auto", False), ("fp16", False), ("auto", True)])
-def test_the_gpu_configuration_runs_on_the_cpu(tmp_path, monkeypatch, amp, compiled):
+@pytest.mark.parametrize("amp,compiled", [("auto", False), ("fp16", False), ("auto", True), ("off", False)])
+def test_the_gpu_configuration_runs_on_the_cpu(tmp_path, monkeypatch, request, amp, compiled):
     """A GPU run's choices (gpu_path: fused SGD, bf16 autocast by default, fp16 with a GradScaler,
-    channels_last, cudnn.benchmark; with --compile the step marked for CUDA graphs) made on the CPU,
-    where torch has each: the run, its checkpoint with the scaler and the benchmark go through the lines
-    a GPU run takes, and the run learns as the CPU's own configuration does."""
+    channels_last, cudnn.benchmark, TF32 convolutions but with --amp off; with --compile the step marked
+    for CUDA graphs) made on the CPU, where torch has each: the run, its checkpoint with the scaler and
+    the benchmark go through the lines a GPU run takes, and the run learns as the CPU's own configuration does."""
     monkeypatch.setattr(allnc, "gpu_path", lambda device: True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)       # restored after the test
+    conv, matmul = torch.backends.cudnn.conv.fp32_precision, torch.get_float32_matmul_precision()
+    request.addfinalizer(lambda: (setattr(torch.backends.cudnn.conv, "fp32_precision", conv),
+                                  torch.set_float32_matmul_precision(matmul)))     # restored after the test
+    torch.backends.cudnn.conv.fp32_precision = "ieee" if amp != "off" else "tf32"   # the opposite of the run's
+    torch.set_float32_matmul_precision("high")          # TF32 allowed: --amp off must turn it off
     if compiled:                       # the step compiled for a GPU's CUDA graphs, traced here without inductor
         real = torch.compile
         monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **k: real(fn, backend="aot_eager", fullgraph=True))
@@ -1789,7 +1810,10 @@ def test_the_gpu_configuration_runs_on_the_cpu(tmp_path, monkeypatch, amp, compi
     res = allnc.run(cfg, quiet=True)
     rs = runs[0]
     assert rs.opt.defaults["fused"] is True and torch.backends.cudnn.benchmark
-    assert rs.st.dtype == (torch.float16 if fp16 else torch.bfloat16)
+    assert rs.st.dtype == {"auto": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    # --amp off is float32 in every convolution and matmul (the NCCL check's comparison runs so)
+    assert torch.backends.cudnn.conv.fp32_precision == ("ieee" if amp == "off" else "tf32")
+    assert torch.get_float32_matmul_precision() == ("highest" if amp == "off" else "high")
     assert isinstance(rs.scaler, torch.amp.GradScaler) == fp16
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in rs.model.parameters() if p.dim() == 4)
     assert all(math.isfinite(r["loss"]) for r in res["log"]) and (fp16 or res["final"]["top1"] > 60), res["final"]
@@ -1804,6 +1828,21 @@ def test_the_gpu_configuration_runs_on_the_cpu(tmp_path, monkeypatch, amp, compi
         bcfg = allnc.resolve(allnc.Config(dataset="synthetic", smoke=True, depth=8, device=DEV, workers=0, imb=100,
                                           epochs=1, batch_size=32, out=str(tmp_path / "b"), compile=compiled))
         assert allnc.benchmark(bcfg, steps=1, warm=1)["b"] > 0
+
+
+def test_a_device_index_becomes_the_current_device(monkeypatch):
+    """--device cuda:1 without torchrun: GPU 1 is made the current device, so that the benchmark's
+    synchronize and memory statistics and the loader's pinning act on it, not on GPU 0. 'cuda' alone
+    keeps the current one. (CUDA's queries answered as a 2-GPU machine would.)"""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    assert allnc.pick_device("cuda:1") == torch.device("cuda:1") and calls == [torch.device("cuda:1")]
+    assert allnc.pick_device("cuda") == torch.device("cuda") and len(calls) == 1
+    with pytest.raises(allnc.DataError, match="2 CUDA device"):
+        allnc.pick_device("cuda:2")
+    assert len(calls) == 1
 
 
 def test_progress_inside_an_epoch(capsys):
@@ -2124,6 +2163,18 @@ def test_unreadable_image_and_missing_list_entry_are_named(tmp_path):
         data_lt.folder_samples("imagenet_lt", str(tmp_path), True, train_list=str(lst))
 
 
+def test_an_imagefolder_root_without_class_folders_is_named(tmp_path):
+    """train/ and val/ exist, but train/ holds files and no class folder (torchvision's ImageFolder raises
+    FileNotFoundError): one line naming the folder and what it needs, exit 2."""
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "0.png").write_bytes(b"")
+    r = cli("allnc.py", "--dataset", "imagenet_lt", "--data-root", str(tmp_path), "--method", "ce", "--epochs", "1",
+            "--imb", "1", "--device", "cpu", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{tmp_path / 'train'} is not an ImageFolder directory" in r.stderr and "one folder of images per class" in r.stderr
+
+
 def test_tables_on_empty_dir_and_plot_on_wrong_file(tmp_path, capsys):
     r = cli("allnc.py", "--tables", str(tmp_path))
     assert r.returncode == 2 and "no finished result" in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -2311,6 +2362,18 @@ def test_cpu_long_list_is_the_study_at_200_epochs(tmp_path):
     assert sorted(a for c in abl for a in allnc.ABLATIONS if getattr(c, a)) == sorted(allnc.ABLATIONS)
 
 
+@pytest.mark.parametrize("setting,value", [("JOBS", "0"), ("JOBS", "many"), ("GPUS", "0 x"), ("SEEDS", "zero"),
+                                           ("SEEDS", "0,1"), ("WIDTH", "wide"), ("NPROC", "0"),
+                                           ("EXTRA", "--no-such-flag"), ("EXTRA", "--epochs ten"),
+                                           ("PYTHON", "/nonexistent/python")])
+def test_run_all_checks_its_settings_before_anything_starts(tmp_path, setting, value):
+    """A bad setting: one line naming it and what to give, exit 2, and no run started (no log folder)."""
+    r = run_all("--only", "V", timeout=120, SCALE="smoke", RESULTS=str(tmp_path / "res"), **{setting: value})
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.startswith(f"error: {setting}={value}") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "res").exists()
+
+
 def test_run_all_launches_tables_iii_and_iv_through_torchrun():
     env = {"NPROC": "8", "IMAGENET_LT_ROOT": "/data/inet", "INAT2018_ROOT": "/data/inat"}
     r = run_all("--list", **env)
@@ -2415,8 +2478,29 @@ def test_run_all_gpu_check_on_the_cpu_prints_its_table_at_a_tiny_size(tmp_path):
     for n in (1, 2):
         _, rate, projected, _, note = rows.pop(f"{n} concurrent runs (JOBS={n})")
         assert float(rate) > 0 and projected.endswith(" h") and note.startswith("Table II (48 runs x 200 epochs)")
+        opened = float(note.split("windows opened ")[1].split(" s")[0])
+        assert opened < 0.5 and " s apart" in note, note
     assert rows.pop("2-process NCCL run vs 1 process")[-1] == "skipped: 0 GPU(s), it needs 2"
     assert rows == {}
+
+
+def test_concurrent_benchmarks_open_their_timed_windows_together(tmp_path):
+    """gpu-check's N concurrent runs: each benchmark process, once warmed up, waits for the others before
+    its timed window opens (ALLNC_BENCH_TOGETHER), so no window runs while a peer is still starting.
+    The second process starts 4 s after the first; their windows still open within 0.3 s."""
+    (tmp_path / "together").mkdir()
+    cmd = [PY, "allnc.py", "--benchmark", "--dataset", "synthetic", "--imb", "100", "--smoke", "--depth", "8",
+           "--batch-size", "32", "--benchmark-steps", "2", "--device", "cpu", "--workers", "0", "--out", str(tmp_path)]
+    env = os.environ | {"ALLNC_BENCH_TOGETHER": f"{tmp_path / 'together'}:2", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(4)
+    second = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outs = [p.communicate(timeout=300)[0] for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0], outs
+    import re
+    starts = [float(re.search(allnc.BENCH_PRINTS["start"], o).group(1)) for o in outs]
+    ends = [float(re.search(allnc.BENCH_PRINTS["end"], o).group(1)) for o in outs]
+    assert abs(starts[0] - starts[1]) < 0.3 and all(e > s for s, e in zip(starts, ends)), outs
 
 
 def test_tables_keep_protocols_apart_and_leave_earlier_versions_out(tmp_path, capsys):
@@ -2450,7 +2534,7 @@ def test_tables_keep_protocols_apart_and_leave_earlier_versions_out(tmp_path, ca
 def test_tables_mark_differences_within_the_seed_spread(capsys):
     assert allnc.spread_delta((80.0, 1.0, 3), (79.0, 0.5, 3)).strip() == "+1.00~"      # 1 <= 1 + 0.5
     assert allnc.spread_delta((83.0, 1.0, 3), (79.0, 0.5, 3)).strip() == "+4.00"
-    nc = {"nc1": 1.0, "cos_mu_std": 0.5, "cos_w_std": 0.2, "self_duality": 0.6}
+    nc = {"nc1": 1.0, "cos_mu_std": 0.5, "equinorm_mu": 0.1, "cos_w_std": 0.2, "self_duality": 0.6}
     counts = data_lt.split_counts("fmnist", 100, "exp", 1000)
 
     def run(method, top1s, **kw):
@@ -2466,6 +2550,34 @@ def test_tables_mark_differences_within_the_seed_spread(capsys):
     assert "61.00±0.82" in ce and "-11.00 " in ce and "~" not in ce                     # outside the spread
     wo = next(l for l in out.splitlines() if l.startswith("| w/o p2p"))
     assert "+0.00~" in wo                                                                # same mean: within
+
+
+def test_tables_give_the_other_p2p_space_rows_of_its_own(capsys):
+    """AllNC's runs with L_p(mu~)'s class means in the other space (--p2p-space) are never averaged with the
+    default's: Table II gives each space a row, the NC table both side by side (with the means' equinorm),
+    and the ablation table takes the default's runs alone."""
+    counts = data_lt.split_counts("fmnist", 100, "exp", 1000)
+    other = "feature" if allnc.Config.__dataclass_fields__["p2p_space"].default == "z" else "z"
+
+    def run(method, top1s, cos_mu, **kw):
+        cfg = dataclasses.asdict(allnc.resolve(allnc.Config(dataset="fmnist", imb=100, n_max=1000, epochs=15, depth=8,
+                                                            method=method, **kw)))
+        nc = {"nc1": 0.2, "cos_mu_std": cos_mu, "equinorm_mu": cos_mu / 10, "cos_w_std": 0.03, "self_duality": 0.5}
+        return [{"config": cfg, "counts": counts, "final": {"top1": t, "many": t, "medium": t, "few": t - 10, "nc": nc}}
+                for t in top1s]
+    runs = (run("allnc", [70, 72, 74], 0.36) + run("allnc", [80, 80, 80], 0.18, p2p_space=other)
+            + run("allnc", [60, 61, 62], 0.3, no_p2p=True) + run("allnc", [50], 0.3, no_p2p=True, p2p_space=other))
+    allnc.paper_tables(runs)
+    lines = capsys.readouterr().out.splitlines()
+    row = lambda label: [l for l in lines if l.startswith(f"| {label} ")]
+    refs = row("allnc (ref)")                                   # Table II's and Table VII's reference rows
+    assert len(refs) == 2 and all("72.00±1.63" in l for l in refs)
+    mine = row(f"allnc, P2P means in {other}")
+    assert len(mine) == 2 and "80.00±0.00" in mine[0] and "+8.00" in mine[0]          # Table II, then NC
+    assert "0.180±0.000" in mine[1] and "0.018±0.000" in mine[1]                        # Std cos, equinorm of means
+    assert "0.360±0.000" in [l for l in lines if l.startswith("| allnc  ")][0] and "equinorm, means" in "".join(lines)
+    wo = row("w/o p2p")
+    assert len(wo) == 1 and "61.00±0.82" in wo[0]                                       # the default's ablation only
 
 
 def test_compare_table_holds_both_runs_numbers(tmp_path, capsys):
@@ -2555,6 +2667,47 @@ HOST_READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_uni
               "unique_consecutive", "bincount", "item")
 
 
+class HostReads(TorchDispatchMode):
+    """The operators that read the device from the host (HOST_READS) called under it, at the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_READS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_torchruns_batchnorm_is_global_on_every_device_and_reads_no_host(monkeypatch):
+    """Under torchrun every BatchNorm becomes GlobalBatchNorm, on GPUs too: nn.SyncBatchNorm's forward
+    indexes its counts by a mask (one host read per layer and step). With the all_reduce of one process
+    (the identity), its forward and backward call no host-reading operator, and it computes what
+    nn.BatchNorm2d computes: outputs, input gradients and running statistics."""
+    torch.manual_seed(0)
+    plain = models.ResNetCifar(8, 3, 16)
+    synced = models.sync_batchnorm(copy.deepcopy(plain))
+    bns = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 7 and all(type(m) is models.GlobalBatchNorm for m in bns)
+    monkeypatch.setattr(models, "all_reduce_sum", lambda t: t)
+    x = torch.randn(8, 3, 32, 32)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with HostReads() as reads:
+        out = synced(xb)
+        out.square().sum().backward()
+    assert reads.seen == [], sorted(set(reads.seen))
+    ref = plain(xa)
+    ref.square().sum().backward()
+    assert torch.allclose(out, ref, atol=1e-4) and torch.allclose(xb.grad, xa.grad, rtol=1e-3, atol=1e-5)
+    for a, b in zip((m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)), bns):
+        assert torch.allclose(a.running_mean, b.running_mean, atol=1e-6)
+        assert torch.allclose(a.running_var, b.running_var, rtol=1e-4)
+    with HostReads() as reads:              # the check can fail: the same mode sees .item()
+        out.sum().item()
+    assert reads.seen == ["_local_scalar_dense"]
+
+
 @pytest.mark.device
 @pytest.mark.parametrize("method,kw,mode", [
     ("allnc", {}, None), ("allnc", {"heads": 2, "p2p_space": "feature"}, None),
@@ -2573,18 +2726,6 @@ def test_step_is_capture_safe(tmp_path, monkeypatch, method, kw, mode):
     host code between the graphs); the operators of its forward and backward graphs (what inductor and
     the CUDA graphs get; the mode only changes what inductor emits) are read from the graphs, since
     dynamo runs nothing under a dispatch mode; the backward's graph runs under it all the same."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class HostReads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ in HOST_READS:
-                self.seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     modes, graph_ops = [], []
     if mode:
         from functorch.compile import make_boxed_func
@@ -2755,6 +2896,36 @@ def test_a_finished_torchrun_process_leaves_no_process_group_threads(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     counts = [l.split()[1:] for l in r.stdout.splitlines() if l.startswith("threads ")]
     assert len(counts) == 2 and all(int(after) <= int(before) for before, _, after in counts), r.stdout
+
+
+def test_nc_metrics_of_two_processes_equal_those_of_the_whole_set(tmp_path):
+    """Under torchrun each process scores its own rows and adds its sums to the others' (no features are
+    gathered): both processes get nc_metrics of the whole set, as one process computes it, and only the
+    process asked for them builds the ICPA matrices."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"""import os, sys
+sys.path.insert(0, {HERE!r})
+import torch, allnc
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+g = torch.Generator().manual_seed(0)
+y = torch.arange(600) % 7
+h = torch.randn(600, 16, generator=g) + 3 * torch.randn(7, 16, generator=g)[y]
+W = torch.randn(7, 16, generator=g)
+whole = allnc.nc_metrics(h, y, W, icpa=True)
+part = slice(0, 250) if rank == 0 else slice(250, 600)          # unequal parts
+mine = allnc.nc_metrics(h[part], y[part], W, icpa=rank == 0, dist=allnc.Dist(rank, 2, rank, "gloo", None))
+far = max(abs(mine[k] - whole[k]) / max(abs(whole[k]), 1e-12) for k in whole if not k.startswith("icpa"))
+os.write(1, f"\\nrank {{rank}}: {{far:.1e}} {{sorted(k for k in mine if k.startswith('icpa'))}}\\n".encode())
+torch.distributed.destroy_process_group()
+""")
+    r = subprocess.run([*TORCHRUN, str(probe)], cwd=HERE, capture_output=True, text=True, timeout=120,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(l.split(": ", 1) for l in r.stdout.splitlines() if l.startswith("rank"))
+    assert [l[0] for l in lines] == ["rank 0", "rank 1"], r.stdout
+    assert all(float(l[1].split()[0]) < 1e-9 for l in lines), lines
+    assert lines[0][1].endswith("['icpa_mu', 'icpa_w']") and lines[1][1].endswith("[]"), lines
 
 
 def test_processes_agree_on_a_signal_that_lands_during_the_agreement(tmp_path):
