@@ -11,6 +11,7 @@ nodes2) instead of its defaults (5, 1, 1)."""
 import copy
 import dataclasses
 from contextlib import nullcontext
+import itertools
 import json
 import math
 import os
@@ -1401,6 +1402,267 @@ def test_cutout_and_autoaugment_per_image():
     assert aa.shape == xs.shape and aa.dtype == torch.uint8 and 0 < changed.sum() < 64
 
 
+# The per-image random decisions of the training views (data_lt: drawn on a CPU generator, applied in
+# batches), each against its policy over many images. A frequency check: `count` of `n` independent
+# draws each of probability p lies within 5 binomial standard deviations sqrt(n p (1 - p)) of n p; a
+# correct draw fails one such check about once in 1.7 million (normal tails), and the seeds are fixed.
+
+def assert_frequency(what, count, n, p, sigmas=5):
+    """count (of n draws, each a hit with probability p) within `sigmas` binomial sd of n p."""
+    count, sd = int(count), math.sqrt(n * p * (1 - p))
+    assert abs(count - n * p) <= sigmas * sd, \
+        f"{what}: {count} of {n} ({count / n:.4f}); policy {p:.4f}: {n * p:.1f} +- {sigmas * sd:.1f} ({sigmas} sd)"
+
+
+def coordinate_images(n, h, w, seed=0):
+    """uint8 n x 3 x h x w images whose pixels say where they come from: channel 0 holds the row + 1,
+    channel 1 the column + 1, channel 2 noise in 1..255 (no pixel is 0: a 0 is padding or a hole)."""
+    rows = torch.arange(1, h + 1, dtype=torch.uint8).view(1, h, 1).expand(n, h, w)
+    cols = torch.arange(1, w + 1, dtype=torch.uint8).view(1, 1, w).expand(n, h, w)
+    noise = torch.randint(1, 256, (n, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return torch.stack([rows, cols, noise], 1).contiguous()
+
+
+def numbered_images(n):
+    """uint8 n x 3 x 2 x 2 images that carry their index (channel 0: i // 256, channel 1: i % 256)."""
+    i = torch.arange(n)
+    return torch.stack([i // 256, i % 256, torch.full_like(i, 7)], 1).to(torch.uint8).view(n, 3, 1, 1).expand(
+        n, 3, 2, 2).contiguous()
+
+
+def numbers_of(x):
+    """The indices numbered_images wrote into (a subset of) its images."""
+    return x[:, 0, 0, 0].long() * 256 + x[:, 1, 0, 0].long()
+
+
+@pytest.mark.mutation
+def test_crop_offsets_and_flip_are_uniform_and_match_torchvision():
+    """RandomCrop(size, padding=4) + RandomHorizontalFlip as the training views draw them (augment_set with
+    crop and flip alone): per image, the offsets oy and ox of the window in the image zero-padded by 4 each
+    uniform over 0..8 (1/9 each: a shift of -4..4, both directions equally often, 4/9 each), independent of
+    each other (oy = ox for 1/9 of the images), and the flip 1/2. The draws are read off images whose
+    pixels hold their coordinates; each view must then be torchvision's crop (functional.crop) of the
+    image padded by functional.pad at those offsets, hflipped where flipped. 4000 images of 8 x 8;
+    every frequency within 5 binomial sd of the policy's."""
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    n, s, pad = 4000, 8, 4
+    x = coordinate_images(n, s, s)
+    out = data_lt.augment_set(x, torch.Generator().manual_seed(3), data_lt.DATASETS["synthetic"], randaug="none")
+    j = torch.arange(s)
+    rows, cols = out[:, 0].amax(2).long(), out[:, 1].amax(1).long()   # source row / column + 1 per output row /
+    valid_r, valid_c = rows > 0, cols > 0                              # column; 0 where it lies in the padding
+    oy = torch.where(valid_r, rows - 1 - j + pad, -1).amax(1)          # output row j comes from row oy + j - pad
+    left, right = valid_c.int().argmax(1), s - 1 - valid_c.flip(1).int().argmax(1)
+    flip = cols.gather(1, left[:, None])[:, 0] > cols.gather(1, right[:, None])[:, 0]
+    jj = torch.where(flip[:, None], s - 1 - j, j)
+    ox = torch.where(valid_c, cols - 1 - jj + pad, -1).amax(1)
+    padded = tvf.pad(x, [pad])                                         # RandomCrop's padding: 0, constant
+    for key in torch.stack([oy, ox, flip.long()], 1).unique(dim=0).tolist():
+        sel = (oy == key[0]) & (ox == key[1]) & (flip == bool(key[2]))
+        want = tvf.crop(padded[sel], key[0], key[1], s, s)
+        assert torch.equal(out[sel], tvf.hflip(want) if key[2] else want), f"offsets {key[:2]}, flip {key[2]}"
+    for v in range(2 * pad + 1):
+        assert_frequency(f"oy = {v}", (oy == v).sum(), n, 1 / 9)
+        assert_frequency(f"ox = {v}", (ox == v).sum(), n, 1 / 9)
+    for name, d in (("oy", oy), ("ox", ox)):
+        assert_frequency(f"{name} < {pad} (shifted down / right)", (d < pad).sum(), n, 4 / 9)
+        assert_frequency(f"{name} > {pad} (shifted up / left)", (d > pad).sum(), n, 4 / 9)
+    assert_frequency("oy = ox", (oy == ox).sum(), n, 1 / 9)
+    assert_frequency("flipped", flip.sum(), n, 1 / 2)
+
+
+def devries_taylor_cutout(img, length, y, x):
+    """Cutout(n_holes=1, length) of DeVries & Taylor (uoguelph-mlrg/Cutout util/cutout.py; RBL copies it
+    into dataloaders/custom_transforms.py and applies it after ToTensor), its centre (y, x) given instead
+    of drawn by np.random.randint(h), np.random.randint(w): img a float C x H x W tensor."""
+    h, w = img.shape[1:]
+    mask = np.ones((h, w), np.float32)
+    y1, y2 = np.clip(y - length // 2, 0, h), np.clip(y + length // 2, 0, h)
+    x1, x2 = np.clip(x - length // 2, 0, w), np.clip(x + length // 2, 0, w)
+    mask[y1:y2, x1:x2] = 0.
+    return img * torch.from_numpy(mask).expand_as(img)
+
+
+@pytest.mark.mutation
+@pytest.mark.parametrize("length", [8, 7])
+def test_cutout_centre_is_uniform_and_matches_devries_taylor(length):
+    """Cutout's centre (cy, cx) uniform over the pixels, as DeVries & Taylor draw it: each row and each
+    column 1/16 of a 16 x 16 image, both halves (top / bottom, left / right) 1/2 each, cy and cx
+    independent (equal for 1/16). The centre is read off the hole in images with no 0 pixel (the hole's
+    first row + length // 2, or its last + 1 - length // 2 where clipped at the top); the view must then be
+    their reference Cutout at that centre (the square [cy - length // 2, cy + length // 2) in each axis,
+    clipped at the border, zeroed: 0 before normalisation, as RBL's ToTensor, Cutout, Normalize), also
+    for an odd length (a side of length - 1, as theirs). 4000 images; within 5 binomial sd."""
+    n, s = 4000, 16
+    x = coordinate_images(n, s, s)
+    out = data_lt.cutout(x, length, torch.Generator().manual_seed(4))
+    hole = (out == 0).all(1)
+    assert hole.any(2).any(1).all() and ((out == 0) == hole[:, None]).all(), "not one hole of 0s in every image"
+    centre = []
+    for lines in (hole.any(2), hole.any(1)):                           # rows, columns touched by the hole
+        first, last = lines.int().argmax(1), s - 1 - lines.flip(1).int().argmax(1)
+        centre.append(torch.where(first > 0, first + length // 2, last + 1 - length // 2))
+    cy, cx = centre
+    want = torch.stack([devries_taylor_cutout(img.float() / 255, length, a, b)
+                        for img, a, b in zip(x, cy.tolist(), cx.tolist())])
+    assert torch.equal(out.float() / 255, want), "not DeVries & Taylor's Cutout at the centre of the hole"
+    for v in range(s):
+        assert_frequency(f"cy = {v}", (cy == v).sum(), n, 1 / s)
+        assert_frequency(f"cx = {v}", (cx == v).sum(), n, 1 / s)
+    for name, c in (("cy", cy), ("cx", cx)):
+        assert_frequency(f"{name} in the first half", (c < s // 2).sum(), n, 1 / 2)
+        assert_frequency(f"{name} in the second half", (c >= s // 2).sum(), n, 1 / 2)
+    assert_frequency("cy = cx", (cy == cx).sum(), n, 1 / s)
+
+
+class _Tagged(str):
+    """An op name that also says where in the policy it sits: equal to, and hashed as, the plain name
+    (the policy's magnitude table finds it), with .policy and .slot for a spy to read."""
+
+
+@pytest.mark.mutation
+def test_auto_augment_draws_follow_the_cifar10_policy(monkeypatch):
+    """torchvision's AutoAugment (CIFAR10 policy) per image: a sub-policy uniform over the 25, each of its
+    two ops applied with its own probability, independently (the image shows policy p's op of slot s with
+    probability prob(p, s) / 25, both ops with prob(p, 0) prob(p, 1) / 25), at the policy's magnitude, with
+    a sign 1/2 where the op is signed, drawn per op (the two signs agree for 1/2 of the images that get two
+    signed ops). The ops are spied on (the images, numbered, pass through unchanged) under a copy of the
+    policy whose op names carry (policy, slot). 5000 images; within 5 binomial sd."""
+    from torchvision.transforms import v2
+    aa = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    policy = list(aa._policies)
+    tagged = []
+    for p, pol in enumerate(policy):
+        ops = []
+        for slot, (name, prob, mag) in enumerate(pol):
+            t = _Tagged(name)
+            t.policy, t.slot = p, slot
+            ops.append((t, prob, mag))
+        tagged.append(tuple(ops))
+    aa._policies = tagged
+    seen = {}                                                          # (image, slot) -> (policy, magnitude)
+
+    def spy(img, name, magnitude, interpolation, fill):
+        for i in numbers_of(img).tolist():
+            assert (i, name.slot) not in seen, "an op applied twice in one slot"
+            seen[i, name.slot] = (name.policy, magnitude)
+        return img
+    aa._apply_image_or_video_transform = spy
+    monkeypatch.setattr(data_lt, "_AA", aa)
+    n = 5000
+    x = numbered_images(n)
+    assert torch.equal(data_lt.auto_augment(x, torch.Generator().manual_seed(5)), x)
+    both = [i for i in range(n) if (i, 0) in seen and (i, 1) in seen]
+    assert all(seen[i, 0][0] == seen[i, 1][0] for i in both), "the two slots of an image from different policies"
+    signed = {}                                                        # (policy, slot) -> a sign is drawn
+    for p, pol in enumerate(policy):
+        for slot, (name, prob, mag) in enumerate(pol):
+            hits = [m for (i, sl), (q, m) in seen.items() if q == p and sl == slot]
+            assert_frequency(f"policy {p} slot {slot} ({name}, p {prob})", len(hits), n, prob / 25)
+            mags, sign_drawn = aa._AUGMENTATION_SPACE[name]
+            want = 0.0 if mag is None else float(mags(10, 2, 2)[mag])
+            assert all(abs(m) == pytest.approx(want) for m in hits), (p, slot, name, set(hits))
+            signed[p, slot] = sign_drawn and want != 0
+    assert_frequency("both ops applied", len(both), n, sum(a[1] * b[1] for a, b in policy) / 25)
+    for slot in range(2):
+        neg = [m < 0 for (i, sl), (p, m) in seen.items() if sl == slot and signed[p, slot]]
+        assert_frequency(f"slot {slot}'s signed ops negative", sum(neg), len(neg), 1 / 2)
+    pairs = [i for i in both if signed[seen[i, 0][0], 0] and signed[seen[i, 0][0], 1]]
+    assert_frequency("the two signs agree", sum((seen[i, 0][1] < 0) == (seen[i, 1][1] < 0) for i in pairs),
+                     len(pairs), 1 / 2)
+
+
+def normal_cdf(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+@pytest.mark.mutation
+def test_rand_augment_draws_per_layer_with_interpolation_and_independent_layers(monkeypatch):
+    """What test_rand_augment_draws_follow_timm_policy leaves open (it pools the two layers): in each of
+    the two layers of rand-n2-m10-mstd0.5, each op applied to 1/2 x 1/15 of the images; the magnitude
+    m = clip(10 + 0.5 z) in the bins [0, 9), [9, 9.5), [9.5, 10), {10} with probabilities Phi(-2),
+    Phi(-1) - Phi(-2), 1/2 - Phi(-1), 1/2; a geometric op's sign negative and its resampling bicubic
+    (timm's random choice of bilinear / bicubic) 1/2 each. The layers draw independently: both applied
+    1/4, the same op for 1/15 of those, both magnitudes 10 for 1/4 of them, the same sign and the same
+    resampling for 1/2 of those with a geometric op twice. timm_op is spied on (numbered images pass through
+    unchanged); 6000 images; within 5 binomial sd."""
+    calls = []
+
+    def spy(name, x, mag, sign=None, bicubic=None, fill=None):
+        calls.append((name, numbers_of(x), mag.clone(), sign.clone(), bicubic.clone()))
+        return x
+    monkeypatch.setattr(data_lt, "timm_op", spy)
+    n = 6000
+    data_lt.rand_augment(numbered_images(n), torch.Generator().manual_seed(6))
+    assert [c[0] for c in calls] == list(data_lt.TIMM_NAMES) * 2       # layer by layer, every op reached
+    op = torch.full((2, n), -1)
+    mag, sign, bic = torch.zeros(2, n, dtype=torch.float64), torch.zeros(2, n), torch.zeros(2, n, dtype=torch.bool)
+    for c, (name, ids, m, sg, b) in enumerate(calls):
+        layer = c // 15
+        assert (op[layer, ids] == -1).all()
+        op[layer, ids], mag[layer, ids], sign[layer, ids], bic[layer, ids] = c % 15, m, sg.float(), b
+    geo = torch.tensor([data_lt.TIMM_NAMES.index(g) for g in GEOMETRIC])
+    is_geo = torch.isin(op, geo)
+    edges = [0, 9, 9.5, 10]
+    probs = [normal_cdf(-2), normal_cdf(-1) - normal_cdf(-2), 0.5 - normal_cdf(-1), 0.5]
+    mbin = torch.where(mag == 10, 3, torch.bucketize(mag, torch.tensor(edges, dtype=torch.float64), right=True) - 1)
+    for layer in range(2):
+        applied = op[layer] >= 0
+        for k, name in enumerate(data_lt.TIMM_NAMES):
+            assert_frequency(f"layer {layer}: {name}", (op[layer] == k).sum(), n, 1 / 30)
+        for b, p in enumerate(probs):
+            assert_frequency(f"layer {layer}: magnitude bin {b}", (mbin[layer][applied] == b).sum(),
+                             int(applied.sum()), p)
+        g = is_geo[layer]
+        assert_frequency(f"layer {layer}: negative", (sign[layer][g] < 0).sum(), int(g.sum()), 1 / 2)
+        assert_frequency(f"layer {layer}: bicubic", bic[layer][g].sum(), int(g.sum()), 1 / 2)
+    both = (op >= 0).all(0)
+    assert_frequency("both layers applied", both.sum(), n, 1 / 4)
+    assert_frequency("the same op in both layers", (op[0] == op[1])[both].sum(), int(both.sum()), 1 / 15)
+    assert_frequency("both magnitudes 10", ((mbin == 3).all(0))[both].sum(), int(both.sum()), 1 / 4)
+    gg = is_geo.all(0)
+    assert_frequency("the same sign in both layers", (sign[0] == sign[1])[gg].sum(), int(gg.sum()), 1 / 2)
+    assert_frequency("the same resampling in both layers", (bic[0] == bic[1])[gg].sum(), int(gg.sum()), 1 / 2)
+
+
+@pytest.mark.mutation
+def test_torchvision_rand_augment_draws_op_and_sign(monkeypatch):
+    """--randaug torchvision: RandAugment(2, 9) as torchvision draws it, per image and layer: an op
+    uniform over its 14 (Identity among them, no apply-or-not), at magnitude bin 9 of 31, negated with
+    probability 1/2 where the op is signed; the two layers independent (the same op 1/14, the same sign
+    1/2 of the images with a signed op twice). The op calls are spied on (numbered images pass through
+    unchanged: an image's first call is its first layer); 4200 images; within 5 binomial sd."""
+    from torchvision.transforms import v2
+    ra = v2.RandAugment()
+    names = list(ra._AUGMENTATION_SPACE)
+    assert len(names) == 14
+    first, second = {}, {}
+
+    def spy(img, name, magnitude, interpolation, fill):
+        for i in numbers_of(img).tolist():
+            assert i not in second, "an image through more than two ops"
+            (second if i in first else first)[i] = (names.index(name), magnitude)
+        return img
+    ra._apply_image_or_video_transform = spy
+    monkeypatch.setattr(data_lt, "_RA", ra)
+    n = 4200
+    data_lt.rand_augment_torchvision(numbered_images(n), torch.Generator().manual_seed(7))
+    assert len(first) == len(second) == n
+    for layer, draws in enumerate((first, second)):
+        for k, name in enumerate(names):
+            assert_frequency(f"layer {layer}: {name}", sum(o == k for o, _ in draws.values()), n, 1 / 14)
+            mags = ra._AUGMENTATION_SPACE[name][0](31, 2, 2)
+            want = 0.0 if mags is None else float(mags[9])
+            assert all(abs(m) == pytest.approx(want) for o, m in draws.values() if o == k), name
+        neg = [m < 0 for o, m in draws.values() if ra._AUGMENTATION_SPACE[names[o]][1] and m != 0]
+        assert_frequency(f"layer {layer}: negative", sum(neg), len(neg), 1 / 2)
+    assert_frequency("the same op in both layers", sum(first[i][0] == second[i][0] for i in range(n)), n, 1 / 14)
+    twice = [i for i in range(n) if first[i][1] != 0 and second[i][1] != 0
+             and ra._AUGMENTATION_SPACE[names[first[i][0]]][1] and ra._AUGMENTATION_SPACE[names[second[i][0]]][1]]
+    assert_frequency("the same sign in both layers", sum((first[i][1] < 0) == (second[i][1] < 0) for i in twice),
+                     len(twice), 1 / 2)
+
+
 @pytest.mark.mutation
 @pytest.mark.parametrize("method", ["ce", "etf"])
 def test_mixup_mixes_inputs_and_both_labels_by_hand(tmp_path, method):
@@ -1447,6 +1709,60 @@ def test_mixup_at_lambda_one_is_the_plain_loss(tmp_path, method):
         beta = staticmethod(lambda a, b: 0.5)
     st.mix_rng, cfg.mixup = Half(), 1.0
     assert allnc.step_single(model, [x], y, st)[0].item() != pytest.approx(plain.item(), rel=1e-3)
+
+
+class GlobalBatchDist:
+    """Process `rank` of `world`, in one process, holding its share of the global batch `whole` (x and y):
+    gather_batch returns the global batch, part(n) this process's share, as allnc.Dist under torchrun."""
+
+    def __init__(self, rank, world, *whole):
+        self.rank, self.world, self.whole = rank, world, whole
+
+    def gather_batch(self, t):
+        w = next(w for w in self.whole if w.dtype == t.dtype)
+        assert torch.equal(t, w[self.part(len(w))])
+        return w
+
+    def part(self, n):
+        return data_lt.rank_part(n, self.rank, self.world)
+
+
+@pytest.mark.mutation
+@pytest.mark.parametrize("alpha,cdf,world", [(1.0, lambda t: t, 1),
+                                              (0.5, lambda t: 2 / math.pi * math.asin(math.sqrt(t)), 2)],
+                         ids=["alpha1-one-process", "alpha0.5-two-processes"])
+def test_mixup_draws_lambda_from_beta_and_partners_from_a_uniform_permutation(alpha, cdf, world):
+    """Input mixup's draws (the ETF code's mixup_data): lam ~ Beta(alpha, alpha), in each tenth of [0, 1]
+    with the Beta CDF's probability (alpha 1, the ETF recipe: uniform; alpha 0.5: the arcsine law,
+    (2 / pi) asin(sqrt(t))) and in each half 1/2; the partners a uniform random permutation of the global
+    batch: each of the 24 orderings of 4 images 1/24. Under torchrun (here 2 processes, each holding 2 of the
+    4, its mix_rng seeded as the other's) every process draws the same lam and the processes' partners
+    together are one permutation of the whole batch, partners from the other process included. The mixed
+    input is lam x + (1 - lam) x[partner], the partner's label its own. 3000 draws; within 5 binomial sd."""
+    N, draws = 4, 3000
+    X, Y = torch.arange(1.0, N + 1).view(N, 1) * 10, torch.arange(N)
+    rngs = [np.random.RandomState(0) for _ in range(world)]
+    lams, perms = [], []
+    for _ in range(draws):
+        got = []
+        for r in range(world):
+            d = allnc.Dist() if world == 1 else GlobalBatchDist(r, world, X, Y)
+            sl = data_lt.rank_part(N, r, world)
+            xm, ya, yb, lam = allnc.mixup(X[sl], Y[sl], alpha, rngs[r], d)
+            assert torch.equal(ya, Y[sl]) and torch.allclose(xm, lam * X[sl] + (1 - lam) * X[yb])
+            got.append((lam, yb))
+        assert all(g[0] == got[0][0] for g in got), "the processes drew different lam"
+        lams.append(got[0][0])
+        perms.append(tuple(torch.cat([g[1] for g in got]).tolist()))
+    lam = torch.tensor(lams)
+    for b in range(10):
+        p = cdf((b + 1) / 10) - cdf(b / 10)
+        assert_frequency(f"lam in [{b / 10}, {(b + 1) / 10})", ((lam >= b / 10) & (lam < (b + 1) / 10)).sum(),
+                         draws, p)
+    assert_frequency("lam < 1/2", (lam < 0.5).sum(), draws, 1 / 2)
+    assert all(sorted(p) == list(range(N)) for p in perms), "the partners are no permutation of the global batch"
+    for p in itertools.permutations(range(N)):
+        assert_frequency(f"partners {p}", perms.count(p), draws, 1 / math.factorial(N))
 
 
 def pareto_median_rank_profile(C, n_max, n_min, alpha):
@@ -1737,6 +2053,22 @@ def test_best_epoch_reported_when_last_epoch_drops(tmp_path, monkeypatch):
     table = allnc.run_table(res)
     assert "best (ep 2)" in table and "55.00" in table and "41.00" in table
     assert allnc.mean_std([res], "top1", "best")[0] == 55.0
+
+
+@pytest.mark.mutation
+def test_best_epoch_keeps_the_first_of_tied_epochs():
+    """Epochs that tie on top-1 with different Many / Medium / Few: the best epoch is the first of them,
+    with its own groups, as the public code keeps it (GLMC's Trainer.py: is_best = acc1 > best_acc1, a
+    later equal top-1 does not replace it) and as the loop keeps the best weights (end_epoch: strictly
+    greater); an epoch without a test row does not count."""
+    def row(epoch, top1, many, medium, few):
+        return {"epoch": epoch, "stage": 1, "test": {"top1": top1, "many": many, "medium": medium, "few": few}}
+    log = [row(1, 40.0, 60.0, 35.0, 20.0), row(2, 52.0, 70.0, 50.0, 30.0), {"epoch": 3, "stage": 1},
+           row(4, 48.0, 65.0, 45.0, 28.0), row(5, 52.0, 62.0, 52.0, 40.0), row(6, 52.0, 58.0, 54.0, 44.0),
+           row(7, 51.0, 60.0, 50.0, 41.0)]
+    assert allnc.best_epoch(log) == {"epoch": 2, "top1": 52.0, "many": 70.0, "medium": 50.0, "few": 30.0}
+    assert allnc.best_epoch(log[2:]) == {"epoch": 5, "top1": 52.0, "many": 62.0, "medium": 52.0, "few": 40.0}
+    assert allnc.best_epoch([{"epoch": 1, "stage": 1}]) is None
 
 
 @pytest.mark.mutation
