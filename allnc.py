@@ -101,8 +101,9 @@ class Config:
                      "row norm to 1) or on l2-normalised rows (unit)", choices=("raw", "unit"))
     mean_momentum: float = opt(0.9, "EMA momentum of the running class means used for classes absent "
                                "from a batch")
-    p2p_space: str = opt("z", "class means for L_p(mu~): z = proj1(phi(x)) as in Algorithm 1, or feature = phi(x), "
-                         "the classifier's input that Eq. 4 measures", choices=("z", "feature"))
+    p2p_space: str = opt("feature", "class means for L_p(mu~): feature = phi(x), the classifier's input, where Eq. 4 "
+                         "and Remark 3 put them, or z = proj1(phi(x)), after which Algorithm 1 computes them",
+                         choices=("feature", "z"))
     no_hycon: bool = opt(False, "ablation: drop L_con (Table VII)")
     no_p2p: bool = opt(False, "ablation: drop L_p(mu~) and L_p(w) (Table VII)")
     no_gbbn: bool = opt(False, "ablation: eta = 0 from the start, i.e. rebalancing loss only (Table VII)")

@@ -130,7 +130,7 @@ MUTATION_TARGETS = ("etf_gram", "p2p_loss", "p2p_loss_raw", "hycon_sim", "hycon_
                     "grw_weights", "grw_loss", "gbbn_cls_loss", "cb_weights", "cb_loss", "etf_dr_loss", "ncmc_loss",
                     "batch_class_means", "step_allnc", "loss_ce", "loss_etf", "loss_ncmc", "mixup", "step_single",
                     "step_stage2", "eval_logits", "logit_adjust", "eta_for", "lr_at", "lr_for", "warmup_epochs",
-                    "maxnorm_cap", "max_norm_", "begin_stage")
+                    "maxnorm_cap", "max_norm_", "begin_stage", "best_epoch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -721,7 +721,7 @@ def test_allnc_step_against_the_paper_by_hand(tmp_path, reduction):
     (Eq. 8), L_p(mu~) over the centred, normalised class means (Eq. 10) where classes absent from the
     batch enter by their running mean, never-seen classes are left out (mu_G and the denominator), and
     the running means after the step (first sighting: the batch mean; then momentum 0.9)."""
-    cfg = tiny_cfg(tmp_path, alpha=0.7, grw_reduction=reduction)
+    cfg = tiny_cfg(tmp_path, alpha=0.7, grw_reduction=reduction, p2p_space="z")     # the feature space: below
     C, eta, m = 10, 0.4, cfg.mean_momentum
     counts = data_lt.split_counts("synthetic", 10)
     st = allnc.TrainState(cfg, type("D", (), {"C": C, "counts": counts})(), DEVICE)
@@ -2951,7 +2951,7 @@ SYNC_CALLS = ("item", "tolist", "cpu", "numpy", "__bool__", "nonzero")
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("method,kw", [("allnc", {}), ("allnc", {"heads": 2, "p2p_space": "feature"}),
+@pytest.mark.parametrize("method,kw", [("allnc", {}), ("allnc", {"heads": 2, "p2p_space": "z"}),
                                        ("ce", {"mixup": 1.0}), ("etf", {}), ("rbl", {}), ("ncmc", {}),
                                        ("allnc++", {"maxnorm_every": "step"})])
 def test_per_step_loop_never_syncs(tmp_path, monkeypatch, method, kw):
@@ -3042,12 +3042,12 @@ def test_torchruns_batchnorm_is_global_on_every_device_and_reads_no_host(monkeyp
 
 @pytest.mark.device
 @pytest.mark.parametrize("method,kw,mode", [
-    ("allnc", {}, None), ("allnc", {"heads": 2, "p2p_space": "feature"}, None),
+    ("allnc", {}, None), ("allnc", {"heads": 2, "p2p_space": "z"}, None),
     ("allnc", {"p2p_w": "unit", "grw_reduction": "batch"}, None), ("ce", {"mixup": 1.0}, None), ("etf", {}, None),
     ("ncmc", {}, None), ("allnc++", {"maxnorm_every": "step"}, None),
     # the step as --compile hands it to torch.compile under each --compile-mode
     ("allnc", {}, "default"), ("allnc", {}, "reduce-overhead"), ("allnc", {}, "max-autotune"),
-    ("allnc", {"heads": 2, "p2p_space": "feature"}, "reduce-overhead"), ("etf", {}, "reduce-overhead"),
+    ("allnc", {"heads": 2, "p2p_space": "z"}, "reduce-overhead"), ("etf", {}, "reduce-overhead"),
     ("ncmc", {}, "reduce-overhead"), ("allnc++", {"maxnorm_every": "step"}, "reduce-overhead")])
 def test_step_is_capture_safe(tmp_path, monkeypatch, method, kw, mode):
     """What a CUDA graph can capture: the step, backward and the optimizer's update call no operator that
