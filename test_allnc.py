@@ -438,11 +438,11 @@ def test_projection_widths_follow_glmcs_models_by_dataset(tmp_path):
         assert allnc.resolve(allnc.Config(dataset=dataset, imb_type="pareto" if dataset in ("imagenet_lt", "inat2018")
                                           else "exp")).proj_dim == want, dataset
     assert allnc.resolve(allnc.Config(dataset="inat2018", imb_type="pareto", proj_dim=64)).proj_dim == 64
-    cfg = allnc.resolve(allnc.Config(dataset="imagenet_lt", imb_type="pareto", imb=1.0, out=str(tmp_path)))
+    cfg = allnc.resolve(allnc.Config(dataset="imagenet_lt", imb_type="pareto", imb=1.0, p2p_space="z", out=str(tmp_path)))
     model = allnc.build_model(cfg, 1000, [10] * 1000, 3)
     assert (model.proj1.in_features, model.proj1.out_features) == (2048, 256)
     assert (model.proj2.in_features, model.proj2.out_features) == (256, 256)
-    assert tuple(model.mu_run.shape) == (1000, 256)
+    assert tuple(model.mu_run.shape) == (1000, 256)                   # L_p(mu~)'s class means on z
 
 
 def test_simplex_etf_definition():
@@ -2676,8 +2676,9 @@ def test_cpu_study_list_covers_every_method_ablation_and_sweep(tmp_path):
 
 def test_cpu_long_list_is_the_study_at_200_epochs(tmp_path):
     """SCALE=cpu-long --list: the CPU study's data and network at the paper's 200 epochs; Table II's
-    methods with seeds 0 1 2, the ablations and gamma 1, 4 with seeds 0 1 (every row a spread); AllNC and
-    CE first."""
+    methods with seeds 0 1 2 (AllNC and CE first), AllNC and AllNC++ with P2P's class means in the other
+    space, balanced Table V (AllNC, CE) with a training set of the long-tailed one's size, all seeds 0 1 2;
+    the ablations and gamma 1, 4 with seeds 0 1 (every row a spread)."""
     r = run_all("--list", SCALE="cpu-long")
     assert r.returncode == 0, r.stderr
     parsed = []
@@ -2685,12 +2686,20 @@ def test_cpu_long_list_is_the_study_at_200_epochs(tmp_path):
         cmd = l.split("allnc.py", 1)[1].split()
         args, extra = allnc.parse_args(cmd[:cmd.index("--seed")] + ["--out", str(tmp_path)])
         parsed.append((l[:9].strip(), allnc.resolve(args, extra["explicit"]), l.rsplit("S in: ", 1)[1]))
-    assert {(c.dataset, c.imb, c.n_max, c.depth, c.width, c.epochs) for _, c, _ in parsed} == {("fmnist", 100, 1000, 8, 16, 200)}
-    t2 = [(c.method, s) for t, c, s in parsed if t == "Table II"]
-    assert sorted(t2) == sorted((m, "0 1 2") for m in allnc.METHODS) and [m for m, _ in t2[:2]] == ["allnc", "ce"]
+    lt = [c for t, c, _ in parsed if t != "Table V"]
+    assert {(c.dataset, c.imb, c.n_max, c.depth, c.width, c.epochs) for c in lt} == {("fmnist", 100, 1000, 8, 16, 200)}
+    default = allnc.Config.__dataclass_fields__["p2p_space"].default
+    t2 = [(c.method, c.p2p_space if c.method.startswith("allnc") else default, s) for t, c, s in parsed if t == "Table II"]
+    other = "z" if default == "feature" else "feature"
+    assert sorted(t2) == sorted([(m, default, "0 1 2") for m in allnc.METHODS]
+                                + [(m, other, "0 1 2") for m in ("allnc", "allnc++")])
+    assert [m for m, _, _ in t2[:2]] == ["allnc", "ce"]
+    bal = [(c.method, c.imb, c.n_max, c.epochs, s) for t, c, s in parsed if t == "Table V"]
+    assert sorted(bal) == [("allnc", 1, 248, 200, "0 1 2"), ("ce", 1, 248, 200, "0 1 2")]
+    assert 10 * 248 == pytest.approx(sum(data_lt.split_counts("fmnist", 100, "exp", 1000)), abs=5)     # same cost
     assert sorted(c.gamma for t, c, s in parsed if t == "Table VI" and s == "0 1") == [1.0, 4.0]
     abl = [c for t, c, s in parsed if t == "Table VII" and s == "0 1"]
-    assert len(parsed) == 12
+    assert len(parsed) == 16
     assert sorted(a for c in abl for a in allnc.ABLATIONS if getattr(c, a)) == sorted(allnc.ABLATIONS)
 
 
