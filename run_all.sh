@@ -81,8 +81,8 @@ for g in ${given_gpus//,/ }; do
 done
 check_python() {  # the interpreter runs allnc.py, and EXTRA's flags are allnc.py's
   local err
-  err=$("$PYTHON" -c 'import sys, allnc; allnc.parse_args(["--dataset", "synthetic"] + sys.argv[1:])' $EXTRA 2>&1 >/dev/null) && return
-  if ! "$PYTHON" -c 'import allnc' >/dev/null 2>&1; then
+  err=$($PYTHON -c 'import sys, allnc; allnc.parse_args(["--dataset", "synthetic"] + sys.argv[1:])' $EXTRA 2>&1 >/dev/null) && return
+  if ! $PYTHON -c 'import allnc' >/dev/null 2>&1; then
     bad "PYTHON=$PYTHON cannot import allnc.py (torch, torchvision, numpy): give an interpreter with requirements.txt installed"
   fi
   bad "EXTRA=$EXTRA: $(echo "$err" | tail -n1 | sed 's/^error: //')"
