@@ -769,7 +769,7 @@ def nc_metrics(features, labels, W, b=None, icpa=False, chunk=8192, dist=None):
     off-diagonal pairs (population std). Under torchrun each process passes its own rows and
     `dist`: every term is a sum over samples, so the processes add their sums (no features are
     gathered) and all get the metrics of the whole set."""
-    total = (lambda t: dist.reduce_(t)) if dist is not None else (lambda t: t)
+    total = dist.reduce_ if dist is not None else (lambda t: t)
     W = W.detach().double()
     C, d = W.shape
     labels = labels.to(features.device)
@@ -2100,8 +2100,8 @@ def paper_tables(runs, own=()):
                 rs = [r for r in at(pool, method=m, alpha=1.0) if not m.startswith("allnc") or r["config"]["gamma"] == g]
                 if rs:
                     main.append((m if recipe == "allnc" else f"{m} (own recipe)", rs, paper_row(tab, ds, imb, m)))
-            other = [r for r in pick(runs, dataset=ds, imb=imb, method=m, alpha=1.0) if other_p2p_space(r["config"])
-                     and not any(r["config"][a] for a in ABLATIONS) and r["config"]["gamma"] == g]
+            other = [r for r in pick(runs, dataset=ds, imb=imb, method=m, alpha=1.0, gamma=g)
+                     if other_p2p_space(r["config"]) and not any(r["config"][a] for a in ABLATIONS)]
             for space in sorted({r["config"]["p2p_space"] for r in other}):
                 main.append((f"{m}, P2P means in {space}", [r for r in other if r["config"]["p2p_space"] == space], None))
         if main:
